@@ -1,0 +1,55 @@
+# LLMs from the ground up: one entry point for students, TAs, instructors and CI.
+# `make demo` and `make test` set everything up on a fresh clone; the other targets reuse it.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is pinned in the same pip command as the project so the resolver never picks another
+# build: 2.13.0 has a CPU wheel on the course machines, while an unpinned torch pulls CUDA.
+TORCH_PIN ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+SUBMISSIONS ?= autograder/samples
+ASSIGNMENT ?=
+
+.PHONY: setup demo test release references samples autograde lectures lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)" -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+## release: regenerate assignments/ from solutions/ (deterministic) and the exported references
+release: setup
+	$(BIN)/python -m autograder.build release
+
+references: setup
+	$(BIN)/python -m autograder.build references
+
+samples: setup
+	$(BIN)/python -m autograder.build samples
+
+## autograde: grade a folder in nbgrader's <student>/<assignment>/<notebook>.ipynb layout, or an LMS zip
+autograde: setup
+	$(BIN)/python -m autograder.grade $(SUBMISSIONS) $(if $(ASSIGNMENT),--assignment $(ASSIGNMENT))
+
+## demo: release, autograde the bundled sample submissions, print the gradebook
+demo: release
+	$(BIN)/python -m autograder.grade autograder/samples
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## lectures: execute every lecture and render it to HTML and reveal.js slides under build/
+lectures: setup
+	$(BIN)/python -m autograder.build lectures
+
+lint: setup
+	$(BIN)/ruff check llmcourse autograder tests
+
+clean:
+	rm -rf build autograder/submitted autograder/autograded autograder/feedback \
+	       autograder/gradebook.db autograder/grades.csv .pytest_cache

@@ -1,0 +1,102 @@
+"""``make samples``: the bundled sample submissions, generated from solutions/ and assignments/.
+
+They are committed (the demo grades them) and a test fails when they are stale. For each unit:
+
+- ``alice``: the reference answers typed into the release notebook: full autograded marks,
+  written answers waiting for a TA.
+- ``bob``: the release, untouched: 0, and the grader survives it.
+- ``carol``: mostly right, with mistakes students really make (listed in ``MISTAKES``): a score
+  in between, and written answers partly done.
+- ``dave``: a corrupt notebook (truncated JSON, as from a failed upload).
+- ``erin``: a notebook whose code kills the kernel (``os._exit``), reported as such, not as a 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from . import notebooks
+
+SAMPLES = Path(__file__).resolve().parent / "samples"
+
+# Mistakes for carol, per unit: (grade_id of the answer cell, text in the reference, replacement).
+MISTAKES: dict[str, list[tuple[str, str, str]]] = {
+    "01_ngrams": [],
+}
+# Written answers carol leaves blank (the rest she answers with the key's text).
+CAROL_SKIPS_WRITTEN = 1
+
+
+def _answer_cells(nb: dict) -> dict[str, dict]:
+    return {notebooks.nbgrader_meta(c)["grade_id"]: c for c in nb["cells"]
+            if notebooks.nbgrader_meta(c).get("solution")}
+
+
+def _strip_markers(text: str) -> str:
+    return "\n".join(ln for ln in text.split("\n")
+                     if ln.strip() not in ("### BEGIN SOLUTION", "### END SOLUTION"))
+
+
+def answered(unit: str, skip_written: int = 0) -> dict:
+    """The release notebook with every answer cell filled in from the solution."""
+    release = notebooks.load(notebooks.release_notebook(unit))
+    solution = _answer_cells(notebooks.load(notebooks.solution_notebook(unit)))
+    filled = copy.deepcopy(release)
+    skipped = 0
+    for cell in filled["cells"]:
+        meta = notebooks.nbgrader_meta(cell)
+        if not meta.get("solution"):
+            continue
+        if cell["cell_type"] == "markdown" and skipped < skip_written:
+            skipped += 1
+            continue
+        cell["source"] = _strip_markers(notebooks.source(solution[meta["grade_id"]]))
+    return filled
+
+
+def with_mistakes(nb: dict, unit: str) -> dict:
+    wrong = copy.deepcopy(nb)
+    cells = _answer_cells(wrong)
+    for grade_id, old, new in MISTAKES[unit]:
+        text = notebooks.source(cells[grade_id])
+        if old not in text:
+            raise ValueError(f"sample mistake for {unit}/{grade_id} no longer applies: {old!r} "
+                             f"is not in the reference; update autograder/samples.py")
+        cells[grade_id]["source"] = text.replace(old, new, 1)
+    return wrong
+
+
+def with_kernel_crash(nb: dict) -> dict:
+    crashed = copy.deepcopy(nb)
+    first_answer = next(c for c in crashed["cells"]
+                        if notebooks.nbgrader_meta(c).get("solution") and c["cell_type"] == "code")
+    first_answer["source"] = "import os\nos._exit(1)  # a student's stray exit kills the kernel\n\n" + \
+        notebooks.source(first_answer)
+    return crashed
+
+
+def _dump(nb: dict) -> str:
+    return json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def sample_files(unit: str) -> dict[Path, str]:
+    """Every sample file of ``unit`` and its exact content."""
+    complete = answered(unit)
+    files = {
+        "alice": _dump(complete),
+        "bob": _dump(notebooks.load(notebooks.release_notebook(unit))),
+        "carol": _dump(with_mistakes(answered(unit, CAROL_SKIPS_WRITTEN), unit)),
+        "erin": _dump(with_kernel_crash(complete)),
+    }
+    files["dave"] = files["alice"][: len(files["alice"]) // 3]  # truncated upload
+    return {SAMPLES / student / unit / f"{unit}.ipynb": text for student, text in files.items()}
+
+
+def write_samples() -> None:
+    for unit in notebooks.units():
+        for path, text in sample_files(unit).items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path.relative_to(notebooks.ROOT)}")

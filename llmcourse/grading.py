@@ -1,0 +1,378 @@
+"""Grading helpers: what the visible and hidden tests are built from.
+
+- ``assert_close`` / ``assert_equal``: comparisons whose failure says what was compared, on which
+  input, the shapes, and how far off the answer was.
+- ``on_each_device``: run a check on the CPU and on every accelerator present.
+- ``forbid``: make the library calls that would do a student's work raise while their code runs.
+  It works at the level of ``torch.overrides.TorchFunctionMode`` and ``TorchDispatchMode``, so a
+  name bound before the guard, a thin wrapper or a low-level twin is caught too.
+- ``hidden_tests``: load a unit's hidden tests (they live with the autograder, not in the
+  student's package) and run them so that a failure never shows their source.
+- ``student`` / ``swapped``: read a graded name from the notebook, and swap in the reference for a
+  part graded elsewhere, so one mistake costs once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+MAX_REPR = 300
+
+
+class GradingFailure(AssertionError):
+    """A test failed; the message says why. Raised without the hidden test's traceback."""
+
+
+class ForbiddenCallError(PermissionError):
+    """A graded function called a library routine that would do the work for it."""
+
+
+def describe(value, limit: int = MAX_REPR) -> str:
+    """A short, readable repr of a test input or output (tensors show shape and dtype)."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype"):
+        text = f"{type(value).__name__}(shape={tuple(shape)}, dtype={value.dtype}"
+        device = getattr(value, "device", None)
+        text += f", device={device})" if device is not None else ")"
+        return text
+    if isinstance(value, Mapping) and any(_is_tensor_like(v) for v in value.values()):
+        text = "{" + ", ".join(f"{k!r}: {describe(v, limit)}" for k, v in value.items()) + "}"
+    elif isinstance(value, (list, tuple)) and any(_is_tensor_like(v) for v in value):
+        text = "(" + ", ".join(describe(v, limit) for v in value) + ")"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 15] + f"... ({len(text)} chars)"
+
+
+def _where(what: str, inputs) -> str:
+    head = what or "value"
+    if inputs is not None:
+        head += f" on input {describe(inputs)}"
+    return head
+
+
+def _is_tensor_like(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def assert_close(actual, expected, *, atol: float = 1e-6, rtol: float = 1e-5, what: str = "",
+                 inputs=None, check_dtype: bool = False) -> None:
+    """Assert ``actual`` is within ``atol + rtol * |expected|`` of ``expected``, elementwise.
+
+    Works for numbers, tensors and arrays of any shape (shapes must match), and for sequences or
+    mappings of those. ``inf`` must match ``inf`` of the same sign; NaN never matches.
+    """
+    where = _where(what, inputs)
+    if isinstance(expected, Mapping):
+        if not isinstance(actual, Mapping):
+            raise GradingFailure(f"{where}: expected a mapping, got {describe(actual)}")
+        _same_keys(actual, expected, where)
+        for key in expected:
+            assert_close(actual[key], expected[key], atol=atol, rtol=rtol,
+                         what=f"{what}[{key!r}]", inputs=inputs, check_dtype=check_dtype)
+        return
+    if _is_tensor_like(expected) or _is_tensor_like(actual):
+        _assert_close_arrays(actual, expected, atol, rtol, where, check_dtype)
+        return
+    if isinstance(expected, Sequence) and not isinstance(expected, str):
+        if not isinstance(actual, Sequence) or isinstance(actual, str):
+            raise GradingFailure(f"{where}: expected a sequence, got {describe(actual)}")
+        if len(actual) != len(expected):
+            raise GradingFailure(f"{where}: expected length {len(expected)}, got {len(actual)}")
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_close(a, e, atol=atol, rtol=rtol, what=f"{what}[{i}]", inputs=inputs,
+                         check_dtype=check_dtype)
+        return
+    try:
+        a, e = float(actual), float(expected)
+    except (TypeError, ValueError):
+        raise GradingFailure(f"{where}: expected a number close to {expected!r}, "
+                             f"got {describe(actual)}") from None
+    if math.isinf(e) or math.isinf(a):
+        if a != e:
+            raise GradingFailure(f"{where}: expected {e}, got {a}")
+        return
+    if math.isnan(a) or math.isnan(e) or abs(a - e) > atol + rtol * abs(e):
+        raise GradingFailure(f"{where}: expected {e!r}, got {a!r} (abs error {abs(a - e):.3g}, "
+                             f"allowed {atol + rtol * abs(e):.3g})")
+
+
+def _assert_close_arrays(actual, expected, atol, rtol, where, check_dtype):
+    import torch
+
+    if not _is_tensor_like(actual):
+        raise GradingFailure(f"{where}: expected a tensor like {describe(expected)}, "
+                             f"got {describe(actual)}")
+    a = torch.as_tensor(actual).detach()
+    e = torch.as_tensor(expected).detach()
+    if tuple(a.shape) != tuple(e.shape):
+        raise GradingFailure(f"{where}: shape mismatch: got {tuple(a.shape)}, "
+                             f"expected {tuple(e.shape)}")
+    if check_dtype and a.dtype != e.dtype:
+        raise GradingFailure(f"{where}: dtype mismatch: got {a.dtype}, expected {e.dtype}")
+    if getattr(expected, "device", None) is not None and getattr(actual, "device", None) is not None:
+        if actual.device != expected.device:
+            raise GradingFailure(f"{where}: device mismatch: got a tensor on {actual.device}, "
+                                 f"expected one on {expected.device}")
+    a64 = a.cpu().to(torch.float64) if not a.is_complex() else a.cpu()
+    e64 = e.cpu().to(torch.float64) if not e.is_complex() else e.cpu()
+    if a64.numel() == 0:
+        return
+    ok = torch.isclose(a64, e64, atol=atol, rtol=rtol, equal_nan=False)
+    if bool(ok.all()):
+        return
+    diff = (a64 - e64).abs()
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+    worst = int(diff.flatten().argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a64.shape))
+    n_bad = int((~ok).sum())
+    raise GradingFailure(
+        f"{where}: {n_bad} of {a64.numel()} elements differ (shape {tuple(a64.shape)}); "
+        f"max abs error {float(diff.flatten()[worst]):.3g} at index {index}: got "
+        f"{float(a64.flatten()[worst]):.6g}, expected {float(e64.flatten()[worst]):.6g} "
+        f"(atol={atol}, rtol={rtol})"
+    )
+
+
+def _same_keys(actual: Mapping, expected: Mapping, where: str) -> None:
+    missing = [k for k in expected if k not in actual]
+    extra = [k for k in actual if k not in expected]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {describe(missing[:5])}")
+        if extra:
+            parts.append(f"{len(extra)} unexpected key(s), e.g. {describe(extra[:5])}")
+        raise GradingFailure(f"{where}: " + "; ".join(parts))
+
+
+def assert_equal(actual, expected, *, what: str = "", inputs=None) -> None:
+    """Assert exact equality; on failure, show the first differences rather than two big reprs."""
+    if actual == expected:
+        return
+    where = _where(what, inputs)
+    if isinstance(expected, Mapping) and isinstance(actual, Mapping):
+        _same_keys(actual, expected, where)
+        diffs = [k for k in expected if actual[k] != expected[k]]
+        shown = ", ".join(f"{k!r}: got {actual[k]!r}, expected {expected[k]!r}" for k in diffs[:5])
+        raise GradingFailure(f"{where}: {len(diffs)} value(s) differ, e.g. {shown}")
+    if (isinstance(expected, Sequence) and isinstance(actual, Sequence)
+            and not isinstance(expected, str)):
+        for i, (a, e) in enumerate(zip(actual, expected, strict=False)):
+            if a != e:
+                raise GradingFailure(f"{where}: first difference at position {i}: got {a!r}, "
+                                     f"expected {e!r} (lengths {len(actual)} and {len(expected)})")
+        raise GradingFailure(f"{where}: got length {len(actual)}, expected {len(expected)}; "
+                             f"the shorter one is a prefix of the longer")
+    raise GradingFailure(f"{where}: got {describe(actual)}, expected {describe(expected)}")
+
+
+def on_each_device(check) -> None:
+    """Run ``check(device)`` on the CPU and on each accelerator present; name the device on failure."""
+    from .runtime import available_devices
+
+    for device in available_devices():
+        try:
+            check(device)
+        except GradingFailure as err:
+            raise GradingFailure(f"[on {device}] {err}") from None
+        except Exception as err:
+            raise GradingFailure(f"[on {device}] {type(err).__name__}: {err}") from err
+
+
+# --- reading the notebook's names -------------------------------------------------------------
+
+def student(ns: Mapping, name: str):
+    """The student's definition of ``name`` from the notebook namespace ``ns``."""
+    if name not in ns:
+        raise GradingFailure(f"`{name}` is not defined: run the cell that defines it, and keep "
+                             f"the name exactly as given")
+    return ns[name]
+
+
+@contextmanager
+def swapped(ns: dict, **replacements):
+    """Temporarily rebind names in the notebook namespace, e.g. the reference of a part graded
+    elsewhere, so that a mistake in that part does not cost points here too."""
+    saved = {k: ns[k] for k in replacements if k in ns}
+    ns.update(replacements)
+    try:
+        yield
+    finally:
+        for k in replacements:
+            if k in saved:
+                ns[k] = saved[k]
+            else:
+                ns.pop(k, None)
+
+
+# --- the forbidden-call guard -----------------------------------------------------------------
+
+def _call_name(func) -> str:
+    name = getattr(func, "__name__", None)
+    if name is None and hasattr(func, "overloadpacket"):
+        name = func.overloadpacket.__name__
+    return str(name)
+
+
+class _Guard:
+    """State of one ``forbid`` block: what is forbidden and what was called anyway."""
+
+    def __init__(self, names: set[str], ids: set[int], reason: str):
+        self.names, self.ids, self.reason = names, ids, reason
+        self.violations: list[str] = []
+
+    def hit(self, func) -> bool:
+        if id(func) in self.ids:
+            return True
+        name = _call_name(func)
+        return name in self.names or name.split(".")[0] in self.names
+
+    def fail(self, what: str):
+        self.violations.append(what)
+        msg = f"Forbidden call: {what}. {self.reason}".strip()
+        raise ForbiddenCallError(msg)
+
+
+@contextmanager
+def forbid(*targets, reason: str = "Implement it yourself from basic operations."):
+    """Make calls to ``targets`` raise ``ForbiddenCallError`` inside the block.
+
+    A target is a torch function or op name (``F.scaled_dot_product_attention``, ``"layer_norm"``),
+    a class (its construction and ``forward`` raise: ``nn.LSTM``) or a plain Python function
+    (its code is swapped, so aliases bound earlier are caught too). Torch calls are intercepted by
+    a ``TorchFunctionMode`` and, below autograd, a ``TorchDispatchMode`` matching aten op names.
+    A violation swallowed by a ``try/except`` inside the block is re-raised when the block ends.
+    """
+    names: set[str] = set()
+    ids: set[int] = set()
+    patches: list[tuple[object, str, object]] = []
+    code_swaps: list[tuple[object, object]] = []
+    guard = _Guard(names, ids, reason)
+
+    for target in targets:
+        if isinstance(target, str):
+            names.add(target)
+        elif isinstance(target, type):
+            _patch_class(target, guard, patches)
+        elif hasattr(target, "__code__") and not getattr(target, "__closure__", None):
+            label = getattr(target, "__qualname__", target.__name__)
+            msg = f"Forbidden call: {label}. {reason}"
+            raiser = {}
+            exec(f"def _forbidden(*args, **kwargs):\n    raise PermissionError({msg!r})\n", raiser)
+            code_swaps.append((target, target.__code__))
+            target.__code__ = raiser["_forbidden"].__code__
+        else:  # torch builtins and other callables: match by identity and by name
+            ids.add(id(target))
+            names.add(_call_name(target))
+
+    try:
+        if names or ids:
+            with _torch_modes(guard):
+                yield guard
+        else:
+            yield guard
+    finally:
+        for obj, attr, old in reversed(patches):
+            if old is None:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+        for func, code in code_swaps:
+            func.__code__ = code
+    if guard.violations:
+        raise ForbiddenCallError(
+            f"Forbidden call: {guard.violations[0]} (even though the error was caught). {reason}"
+        )
+
+
+def _patch_class(cls: type, guard: _Guard, patches: list) -> None:
+    def blocked(*args, **kwargs):
+        guard.fail(f"{cls.__module__}.{cls.__qualname__}")
+
+    for attr in ("__init__", "forward"):
+        if attr == "forward" and not hasattr(cls, "forward"):
+            continue
+        patches.append((cls, attr, cls.__dict__.get(attr)))
+        setattr(cls, attr, blocked)
+
+
+@contextmanager
+def _torch_modes(guard: _Guard):
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FunctionGuard(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if guard.hit(func):
+                guard.fail(f"torch function {_call_name(func)}")
+            return func(*args, **(kwargs or {}))
+
+    class DispatchGuard(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if guard.hit(func):
+                guard.fail(f"aten op {_call_name(func)}")
+            return func(*args, **(kwargs or {}))
+
+    with FunctionGuard(), DispatchGuard():
+        yield
+
+
+# --- hidden tests ------------------------------------------------------------------------------
+
+def autograder_root() -> Path | None:
+    """The repository root that holds ``autograder/hidden``: ``LLMCOURSE_AUTOGRADER_ROOT`` or the
+    nearest parent of the working directory that has it. None on a student's machine."""
+    env = os.environ.get("LLMCOURSE_AUTOGRADER_ROOT")
+    candidates = [Path(env)] if env else [Path.cwd(), *Path.cwd().parents]
+    for root in candidates:
+        if (root / "autograder" / "hidden").is_dir():
+            return root.resolve()
+    return None
+
+
+class HiddenTests:
+    """A unit's hidden test module, wrapped so that a failure shows its message, never its source."""
+
+    def __init__(self, module):
+        self._module = module
+        self._hidden_dir = str(Path(module.__file__).resolve().parents[1])
+
+    def __getattr__(self, name):
+        check = getattr(self._module, name)
+
+        def run(*args, **kwargs):
+            try:
+                check(*args, **kwargs)
+            except (GradingFailure, ForbiddenCallError, PermissionError) as err:
+                raise GradingFailure(str(err)) from None
+            except Exception as err:  # the student's code raised: show their frames only
+                raise GradingFailure(self._student_error(err)) from None
+
+        run.__name__ = name
+        return run
+
+    def _student_error(self, err: BaseException) -> str:
+        frames = [f for f in traceback.extract_tb(err.__traceback__)
+                  if not f.filename.startswith(self._hidden_dir) and f.filename != __file__]
+        text = f"your code raised {type(err).__name__}: {err}"
+        if frames:
+            text += "\n" + "".join(traceback.format_list(frames[-5:]))
+        return text
+
+
+def hidden_tests(unit: str) -> HiddenTests:
+    """The hidden tests of ``unit`` (e.g. ``"01_ngrams"``), available only to the autograder."""
+    root = autograder_root()
+    if root is None:
+        raise GradingFailure("The hidden tests run only under the course autograder.")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return HiddenTests(importlib.import_module(f"autograder.hidden.unit{unit}"))
