@@ -9,6 +9,10 @@ BIN    := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 SUBMISSIONS ?= autograder/samples
+# A data mirror beside the checkout (as on the course's CI machines) is used when present;
+# otherwise the loader downloads into ~/.cache/llmcourse. Kernels run elsewhere: keep it absolute.
+LLMCOURSE_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
+export LLMCOURSE_DATA_DIR
 ASSIGNMENT ?=
 
 .PHONY: setup demo test release references samples autograde lectures lint clean

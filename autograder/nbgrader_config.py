@@ -14,7 +14,11 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from autograder.preprocessors import DropEmptyNbgraderMetadata, ScrubHiddenTests  # noqa: E402
+from autograder.preprocessors import (  # noqa: E402
+    DropEmptyNbgraderMetadata,
+    RestoreDeletedGradeCells,
+    ScrubHiddenTests,
+)
 
 # Where grading state lives. Tests point this at a temporary folder so they never touch a TA's
 # real gradebook.
@@ -36,18 +40,21 @@ c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedb
 
 # Students are created as they are graded; TAs need no roster for the demo.
 c.Autograde.create_student = True
-# Duplicated cells (copied grade_id) are tolerated: see autograder/preprocessors.py.
+# Duplicated cells (copied grade_id) are tolerated and deleted grade cells restored: see
+# autograder/preprocessors.py.
 c.Autograde.sanitize_preprocessors = [
     "nbgrader.preprocessors.ClearOutput",
     "nbgrader.preprocessors.DeduplicateIds",
     DropEmptyNbgraderMetadata,
+    RestoreDeletedGradeCells,
     "nbgrader.preprocessors.OverwriteKernelspec",
     "nbgrader.preprocessors.OverwriteCells",
     "nbgrader.preprocessors.CheckCellMetadata",
 ]
 
-# A deleted test cell comes back from the gradebook instead of silently scoring nothing.
-c.OverwriteCells.add_missing_cells = True
+# A deleted test cell comes back from the gradebook instead of silently scoring nothing; the
+# course's RestoreDeletedGradeCells does it (nbgrader's add_missing_cells fails on this layout).
+c.OverwriteCells.add_missing_cells = False
 
 # Per-cell limit: an infinite loop costs one cell, not the whole class. The whole submission
 # also has an overall limit, enforced by autograder/grade.py.

@@ -4,6 +4,10 @@
 ``grade_id``; nbgrader's ``DeduplicateIds`` then empties the copy's metadata, which its own
 ``OverwriteCells`` trips over (KeyError 'grade_id'). Dropping the empty dict fixes that.
 
+``RestoreDeletedGradeCells`` (autograde): a deleted test cell comes back from the gradebook, so
+it still counts. nbgrader's own ``OverwriteCells.add_missing_cells`` raises a KeyError when the
+cell before the deleted one is a read-only cell, which every test cell here follows.
+
 ``ScrubHiddenTests`` (feedback): what a student may see in feedback has no hidden test, in the
 source or in a traceback. nbgrader's feedback HTML shows each test cell as it ran, hidden region included, and IPython's
 traceback of a failing test quotes the lines around the failure (jupyter/nbgrader#1363). This
@@ -61,3 +65,41 @@ class DropEmptyNbgraderMetadata(NbGraderPreprocessor):
         if "nbgrader" in cell.metadata and not cell.metadata["nbgrader"].get("grade_id"):
             del cell.metadata["nbgrader"]
         return cell, resources
+
+
+class RestoreDeletedGradeCells(NbGraderPreprocessor):
+    """Put every grade cell missing from a submission back, after the nearest cell before it in
+    the source notebook that the submission still has. ``OverwriteCells`` then fills it in."""
+
+    def preprocess(self, nb, resources):
+        from nbformat.v4 import new_code_cell, new_markdown_cell
+        from nbgrader.api import Gradebook
+
+        info = resources["nbgrader"]
+        with Gradebook(info["db_url"]) as gb:
+            source_nb = gb.find_notebook(info["notebook"], info["assignment"])
+            order = [(c.name, c.cell_type, c.source) for c in source_nb.source_cells]
+            grade_points = {c.name: c.max_score for c in source_nb.grade_cells}
+            solutions = {c.name for c in source_nb.solution_cells}
+
+        present = {c.metadata["nbgrader"]["grade_id"]: c for c in nb.cells
+                   if c.metadata.get("nbgrader", {}).get("grade_id")}
+        anchor = None  # the last source cell found in the submission so far
+        for name, cell_type, source in order:
+            if name in present:
+                anchor = present[name]
+                continue
+            if name not in grade_points:
+                continue
+            self.log.warning("Grade cell %s was deleted; restoring it from the gradebook", name)
+            make = new_code_cell if cell_type == "code" else new_markdown_cell
+            cell = make(source=source)
+            cell.metadata["nbgrader"] = {
+                "grade": True, "grade_id": name, "locked": name not in solutions,
+                "points": grade_points[name], "schema_version": 3,
+                "solution": name in solutions, "task": False,
+            }
+            index = nb.cells.index(anchor) + 1 if anchor is not None else 0
+            nb.cells.insert(index, cell)
+            present[name] = anchor = cell
+        return nb, resources

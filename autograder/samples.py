@@ -23,7 +23,12 @@ SAMPLES = Path(__file__).resolve().parent / "samples"
 
 # Mistakes for carol, per unit: (grade_id of the answer cell, text in the reference, replacement).
 MISTAKES: dict[str, list[tuple[str, str, str]]] = {
-    "01_ngrams": [],
+    "01_ngrams": [
+        # add-k that does not normalise: the denominator forgets k * |V|
+        ("NGramLM", "(c_h + self.k * len(self.vocab))", "(c_h + self.k)"),
+        # perplexity's N without the </s> of each sentence
+        ("perplexity", "n_tokens += len(sentence) + 1", "n_tokens += len(sentence)"),
+    ],
 }
 # Written answers carol leaves blank (the rest she answers with the key's text).
 CAROL_SKIPS_WRITTEN = 1

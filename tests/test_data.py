@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import urllib.error
 
 import pytest
 
 from llmcourse import data
-
 
 
 def _fake_dataset(tmp_path, content: bytes = b"to be or not to be\n"):

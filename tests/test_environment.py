@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDA_NAMES = {"pytorch": "torch"}  # conda-forge name -> PyPI name
@@ -71,3 +75,13 @@ def test_setup_pins_torch_in_the_same_pip_command():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"TORCH_PIN \?= torch==2\.13\.0", makefile)
     assert re.search(r'pip install .*"\$\(TORCH_PIN\)" -e', makefile)
+
+
+def test_code_passes_the_linter():
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).with_name("ruff")
+    result = subprocess.run([str(ruff), "check", "llmcourse", "autograder", "tests"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
