@@ -30,6 +30,10 @@ MISTAKES: dict[str, list[tuple[str, str, str]]] = {
         ("perplexity", "n_tokens += len(sentence) + 1", "n_tokens += len(sentence)"),
     ],
 }
+# What carol's mistakes cost, in autograded points: each mistake fails its own test cells only.
+CAROL_LOSES: dict[str, float] = {
+    "01_ngrams": 7 + 10,  # test_ngram_add_k (7), test_perplexity (10)
+}
 # Written answers carol leaves blank (the rest she answers with the key's text).
 CAROL_SKIPS_WRITTEN = 1
 

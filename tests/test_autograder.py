@@ -60,6 +60,13 @@ def test_untouched_release_earns_zero_and_does_not_crash(demo, unit):
 def test_partly_wrong_submission_scores_in_between(demo, unit):
     carol = demo[0][("carol", unit)]
     assert 0 < carol.auto_score < carol.auto_max, carol
+    assert carol.auto_score == carol.auto_max - samples.CAROL_LOSES[unit], \
+        "each of carol's mistakes must cost its own test cells, and only those"
+    written = sum(1 for c in notebooks.load(notebooks.solution_notebook(unit))["cells"]
+                  if c["cell_type"] == "markdown" and notebooks.nbgrader_meta(c).get("solution"))
+    answered = written - samples.CAROL_SKIPS_WRITTEN
+    assert carol.status == f"{grade.STATUS_MANUAL} ({answered} answers)", \
+        "a blank written answer scores 0 at once; the others wait for a TA"
 
 
 @pytest.mark.parametrize("unit", UNITS)
