@@ -292,7 +292,11 @@ def autograde_folder(folder: Path, only: str | None = None, timeout_s: float = D
 
     write_csv(outcomes, csv_path)
     print_table(outcomes, out)
-    print(f"\nCSV:      {csv_path}", file=out)
+    timed = [o.seconds for o in outcomes if o.seconds]
+    if timed:
+        print(f"\n{len(outcomes)} submissions; grading took {sum(timed):.0f} s "
+              f"({sum(timed) / len(timed):.1f} s per graded submission)", file=out)
+    print(f"CSV:      {csv_path}", file=out)
     print(f"Logs:     {grading_state() / 'logs'}/<student>-<assignment>.log", file=out)
     print(f"Feedback: {feedback_root}/<student>/<assignment>/<assignment>.html", file=out)
     print(f"Manual grading: cd autograder && ../.venv/bin/jupyter lab  (Nbgrader > Formgrader), "
