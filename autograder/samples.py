@@ -29,10 +29,18 @@ MISTAKES: dict[str, list[tuple[str, str, str]]] = {
         # perplexity's N without the </s> of each sentence
         ("perplexity", "n_tokens += len(sentence) + 1", "n_tokens += len(sentence)"),
     ],
+    "02_tokenization": [
+        # ties broken towards the lexicographically smaller pair
+        ("train_bpe", "best = max(pair for pair, count in pair_counts.items() if count == top)",
+         "best = min(pair for pair, count in pair_counts.items() if count == top)"),
+        # the negative samples' term with the wrong sign
+        ("sgns_loss", "F.logsigmoid(-negative)", "F.logsigmoid(negative)"),
+    ],
 }
 # What carol's mistakes cost, in autograded points: each mistake fails its own test cells only.
 CAROL_LOSES: dict[str, float] = {
     "01_ngrams": 7 + 10,  # test_ngram_add_k (7), test_perplexity (10)
+    "02_tokenization": 6 + 8,  # test_bpe_tie_breaking (6), test_sgns_loss (8)
 }
 # Written answers carol leaves blank (the rest she answers with the key's text).
 CAROL_SKIPS_WRITTEN = 1
