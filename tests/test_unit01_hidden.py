@@ -16,6 +16,14 @@ from collections import Counter
 
 import pytest
 import torch
+from notebook_testing import (
+    exec_cells,
+    is_definition_cell,
+    nbformat_module,
+    nbg,
+    read_notebook,
+    release_notebook,
+)
 
 from autograder import notebooks
 from autograder.hidden import unit01_ngrams as hidden
@@ -89,35 +97,9 @@ def test_failure_message_names_the_input():
 # The tests above need only pytest and torch (they also run on a GPU machine without Jupyter);
 # the ones below read the notebook, so they need nbformat and nbgrader, as CI has.
 
-def _nbformat():
-    return pytest.importorskip("nbformat", reason="reading notebooks needs nbformat")
-
-def release_notebook():
-    pytest.importorskip("nbgrader", reason="the release stubs come from nbgrader")
-    from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
-
-    nb = _nbformat().read(NB_PATH, as_version=4)
-    nb, _ = ClearSolutions().preprocess(nb, {})
-    nb, _ = ClearHiddenTests().preprocess(nb, {})
-    return nb
-
-
-def exec_cells(nb, predicate, ns=None) -> dict:
-    ns = {} if ns is None else ns
-    for cell in nb.cells:
-        if cell.cell_type == "code" and predicate(cell):
-            exec(compile(cell.source, f"<cell {cell.get('id')}>", "exec"), ns)
-    return ns
-
-
-def is_definition_cell(cell) -> bool:
-    meta = cell.metadata.get("nbgrader", {})
-    return (meta.get("solution") and not meta.get("grade")) or "export" in cell.metadata.get("tags", [])
-
-
 @pytest.fixture(scope="module")
 def release_ns_factory():
-    nb = release_notebook()
+    nb = release_notebook(NB_PATH)
     return lambda: exec_cells(nb, is_definition_cell)
 
 
@@ -570,9 +552,9 @@ def test_mutant_fails_its_hidden_checks_only(mutant):
 @pytest.fixture(scope="module")
 def graded_cells():
     """(check name, visible source of the release cell) for every autograded cell."""
-    source = {c.id: c.source for c in _nbformat().read(NB_PATH, as_version=4).cells}
+    source = {c.id: c.source for c in read_notebook(NB_PATH).cells}
     cells = []
-    for cell in release_notebook().cells:
+    for cell in release_notebook(NB_PATH).cells:
         meta = nbg(cell)
         if meta["grade"] and not meta["solution"]:
             check = source[cell.id].split(f'hidden_tests("{UNIT}").')[1].split("(")[0]
@@ -586,7 +568,7 @@ def test_mutant_costs_exactly_once(mutant, graded_cells):
     in one graded part fails the cells of that part only (the bonus cell may fail too when the
     mistake is in ngram_counts, which KneserNeyLM uses: it is extra credit)."""
     overrides, expected = MUTANTS[mutant]
-    helpers = notebook_helpers(release_notebook())
+    helpers = notebook_helpers(release_notebook(NB_PATH))
     failed = set()
     for check, visible in graded_cells:
         ns = reference_ns()
@@ -705,15 +687,11 @@ def test_tune_is_efficient():
 
 @pytest.fixture(scope="module")
 def nb():
-    return _nbformat().read(NB_PATH, as_version=4)
-
-
-def nbg(cell) -> dict:
-    return cell.metadata.get("nbgrader", {})
+    return read_notebook(NB_PATH)
 
 
 def test_notebook_format(nb):
-    _nbformat().validate(nb)
+    nbformat_module().validate(nb)
     assert (nb.nbformat, nb.nbformat_minor) == (4, 5)
     assert nb.metadata.kernelspec == {"display_name": "Python 3 (ipykernel)", "language": "python",
                                       "name": "python3"}
@@ -829,7 +807,7 @@ def notebook_helpers(nb) -> dict:
 
 @pytest.fixture(scope="module")
 def release_nb():
-    return release_notebook()
+    return release_notebook(NB_PATH)
 
 
 def test_visible_tests_pass_on_the_reference(release_nb):

@@ -21,6 +21,14 @@ import regex
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from notebook_testing import (
+    exec_cells,
+    is_definition_cell,
+    nbformat_module,
+    nbg,
+    read_notebook,
+    release_notebook,
+)
 
 from autograder import notebooks
 from autograder.hidden import unit02_tokenization as hidden
@@ -303,36 +311,9 @@ def test_speed_limit_separates_naive_from_incremental():
 
 # --- the release stubs (nbgrader's own ClearSolutions on the source notebook) ----------------------
 
-def _nbformat():
-    return pytest.importorskip("nbformat", reason="reading notebooks needs nbformat")
-
-
-def release_notebook():
-    pytest.importorskip("nbgrader", reason="the release stubs come from nbgrader")
-    from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
-
-    nb = _nbformat().read(NB_PATH, as_version=4)
-    nb, _ = ClearSolutions().preprocess(nb, {})
-    nb, _ = ClearHiddenTests().preprocess(nb, {})
-    return nb
-
-
-def exec_cells(nb, predicate, ns=None) -> dict:
-    ns = {} if ns is None else ns
-    for cell in nb.cells:
-        if cell.cell_type == "code" and predicate(cell):
-            exec(compile(cell.source, f"<cell {cell.get('id')}>", "exec"), ns)
-    return ns
-
-
-def is_definition_cell(cell) -> bool:
-    meta = cell.metadata.get("nbgrader", {})
-    return (meta.get("solution") and not meta.get("grade")) or "export" in cell.metadata.get("tags", [])
-
-
 @pytest.fixture(scope="module")
 def release_ns_factory():
-    nb = release_notebook()
+    nb = release_notebook(NB_PATH)
     return lambda: exec_cells(nb, is_definition_cell)
 
 
@@ -794,9 +775,9 @@ def test_slow_mutants_fail_the_speed_check(mutant):
 @pytest.fixture(scope="module")
 def graded_cells():
     """(check name, visible source of the release cell) for every autograded cell."""
-    source = {c.id: c.source for c in _nbformat().read(NB_PATH, as_version=4).cells}
+    source = {c.id: c.source for c in read_notebook(NB_PATH).cells}
     cells = []
-    for cell in release_notebook().cells:
+    for cell in release_notebook(NB_PATH).cells:
         meta = nbg(cell)
         if meta["grade"] and not meta["solution"]:
             check = source[cell.id].split(f'hidden_tests("{UNIT}").')[1].split("(")[0]
@@ -858,15 +839,11 @@ def test_cells_use_only_their_parts_names(graded_cells):
 
 @pytest.fixture(scope="module")
 def nb():
-    return _nbformat().read(NB_PATH, as_version=4)
-
-
-def nbg(cell) -> dict:
-    return cell.metadata.get("nbgrader", {})
+    return read_notebook(NB_PATH)
 
 
 def test_notebook_format(nb):
-    _nbformat().validate(nb)
+    nbformat_module().validate(nb)
     assert (nb.nbformat, nb.nbformat_minor) == (4, 5)
     assert nb.metadata.kernelspec == {"display_name": "Python 3 (ipykernel)", "language": "python",
                                       "name": "python3"}
@@ -984,7 +961,7 @@ def visible_test_cells(nb):
 
 @pytest.fixture(scope="module")
 def release_nb():
-    return release_notebook()
+    return release_notebook(NB_PATH)
 
 
 @pytest.fixture(scope="module")
