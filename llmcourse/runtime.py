@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 
 
 def fast_mode() -> bool:
@@ -67,3 +68,30 @@ def seed_everything(seed: int = 1337):
     except ImportError:
         pass
     return random.Random(seed)
+
+
+@contextmanager
+def single_thread():
+    """Run the block with one intra-op torch thread, then restore the previous count.
+
+    For loops of many tiny ops (word2vec steps, small checks): on a busy 2-core machine some CPU
+    kernels (log_sigmoid) wait milliseconds per call for a second OpenMP thread.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def experiment(fn):
+    """Decorator for a notebook's experiment cell: run ``fn()`` now, and print a note instead of
+    failing while the graded parts it uses still raise ``NotImplementedError``."""
+    try:
+        fn()
+    except NotImplementedError:
+        print("not implemented yet: finish the graded parts this experiment uses, then re-run it")
+    return fn

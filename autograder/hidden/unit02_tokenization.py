@@ -28,7 +28,6 @@ import gc
 import random
 import time
 from collections import Counter
-from contextlib import contextmanager
 
 import regex
 import torch
@@ -44,6 +43,7 @@ from llmcourse.grading import (
     student,
     swapped,
 )
+from llmcourse.runtime import single_thread
 
 PATTERN = regex.compile(ref.GPT2_SPLIT_PATTERN)
 # One-character pre-tokens between words: punctuation and digits (no whitespace, no apostrophe).
@@ -73,18 +73,6 @@ def _helpers(ns, **keep):
     for name in keep:
         swaps.pop(name)
     return swapped(ns, **swaps)
-
-
-@contextmanager
-def _single_thread():
-    """One intra-op thread while a check runs: its tensors are tiny, and on a busy 2-core machine
-    some CPU kernels (log_sigmoid) wait milliseconds per call for a second OpenMP thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _short(text: str, limit: int = 120) -> str:
@@ -719,7 +707,7 @@ def check_one_hot(ns):
                 raise GradingFailure(f"{what}: the result has dtype {got.dtype}, expected torch.float32")
             assert_close(got, expected, atol=0, rtol=0, what=what + " (shape (*ids.shape, vocab_size))")
 
-    with _single_thread():
+    with single_thread():
         on_each_device(check)
     for shape, vocab_size in (((3, 4), 5), ((2, 0, 3), 4), ((5,), 7)):
         with forbid("one_hot", reason=NO_ONE_HOT):
@@ -779,7 +767,7 @@ def check_sgns_loss(ns):
         _compare_sgns(fn, [center, context, negatives], "sgns_loss with dot products of +-1000 and -2000 "
                       f"(use F.logsigmoid, not log(sigmoid)), on {device}", atol=1e-3, rtol=1e-6)
 
-    with _single_thread():
+    with single_thread():
         on_each_device(check)
     meta = [torch.empty(s, device="meta") for s in ((4, 3), (4, 3), (4, 2, 3))]
     _meta_device_check(fn, meta, "sgns_loss for inputs on the meta device")
@@ -833,7 +821,7 @@ def check_skipgram(ns):
                 assert_close(got_grad, getattr(reference, name).weight.grad, atol=1e-5, rtol=1e-5,
                              what=f"{what}: the gradient of {name}.weight")
 
-    with swapped(ns, sgns_loss=ref.sgns_loss), _single_thread():
+    with swapped(ns, sgns_loss=ref.sgns_loss), single_thread():
         on_each_device(check)
 
 
@@ -904,7 +892,7 @@ def check_skipgram_training(ns):
     what = (f"SkipGram({len(vocab)}, 24) trained for 400 steps (Adam, lr 0.03, batch 256, 5 negatives, "
             f"window 2) on a synthetic language in which {', '.join('/'.join(ws) for ws in CLASSES.values())} "
             f"are interchangeable, e.g. {' '.join(words[:12])!r}")
-    with swapped(ns, sgns_loss=ref.sgns_loss), _single_thread():
+    with swapped(ns, sgns_loss=ref.sgns_loss), single_thread():
         torch.manual_seed(0)
         model = _call(cls, len(vocab), 24, what=what)
         _check_embeddings(model, len(vocab), 24, what)
