@@ -172,6 +172,14 @@ def _compare_probs(model, reference, contexts, words, what):
             assert_close(got, expected, atol=ATOL, rtol=RTOL, what=f"{what}: prob({w!r}, {h!r})")
 
 
+def _compare_logprobs(model, reference, sentences, what: str) -> None:
+    """model.logprob(s) equals reference.logprob(s) for every sentence."""
+    for s in sentences:
+        got = _number(_call(model.logprob, list(s), what=f"{what}: logprob({s!r})"),
+                      f"{what}: logprob({s!r})")
+        assert_close(got, reference.logprob(s), atol=1e-9, rtol=1e-9, what=f"{what}: logprob({s!r})")
+
+
 def _prob_cases(ns, cases, returns_self=False):
     """Fit student and reference models on the corpus of each (seed, n, k, min_count) case; give
     the student's model the reference's fitted state; yield (model, reference, description, seed).
@@ -347,11 +355,7 @@ def check_interpolated_prob(ns):
             contexts = seen + unseen[:4] + ([("zz",) * (n - 1)] if n > 1 else [])
             words = sorted(reference.vocab) + ["zz"]
             _compare_probs(model, reference, contexts, words, what)
-            for s in dev_corpus(seed) + [[]]:
-                expected = reference.logprob(s)
-                got = _number(_call(model.logprob, list(s), what=f"{what}: logprob({s!r})"),
-                              f"{what}: logprob({s!r})")
-                assert_close(got, expected, atol=1e-9, rtol=1e-9, what=f"{what}: logprob({s!r})")
+            _compare_logprobs(model, reference, dev_corpus(seed) + [[]], what)
 
 
 def _valid_lambdas(got, n, step, what):
@@ -487,8 +491,4 @@ def check_kneser_ney(ns):
             contexts = seen + unseen[:6] + ([("zz",) * (n - 1)] if n > 1 else [])
             words = sorted(reference.vocab) + ["zz"]
             _compare_probs(model, reference, contexts, words, what)
-            for s in dev_corpus(seed) + [[]]:
-                expected = reference.logprob(s)
-                got = _number(_call(model.logprob, list(s), what=f"{what}: logprob({s!r})"),
-                              f"{what}: logprob({s!r})")
-                assert_close(got, expected, atol=1e-9, rtol=1e-9, what=f"{what}: logprob({s!r})")
+            _compare_logprobs(model, reference, dev_corpus(seed) + [[]], what)
