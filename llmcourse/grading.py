@@ -197,6 +197,19 @@ def student(ns: Mapping, name: str):
     return ns[name]
 
 
+def call_student(fn, *args, what: str, **kwargs):
+    """Call student code; turn an exception into a failure that names the input.
+
+    ``NotImplementedError`` (an untouched stub) and ``GradingFailure`` pass through unchanged.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except (NotImplementedError, GradingFailure):
+        raise
+    except Exception as err:
+        raise GradingFailure(f"{what}: your code raised {type(err).__name__}: {err}") from err
+
+
 @contextmanager
 def swapped(ns: dict, **replacements):
     """Temporarily rebind names in the notebook namespace, e.g. the reference of a part graded

@@ -21,7 +21,14 @@ from collections import Counter
 import torch
 
 from autograder.references import unit01_ngrams as ref
-from llmcourse.grading import GradingFailure, assert_close, assert_equal, student, swapped
+from llmcourse.grading import (
+    GradingFailure,
+    assert_close,
+    assert_equal,
+    call_student,
+    student,
+    swapped,
+)
 
 BOS, EOS, UNK = ref.BOS, ref.EOS, ref.UNK
 WORDS = ["a", "b", "c", "d", "e", "f", "g"]
@@ -90,18 +97,6 @@ def _fit(cls, args: dict, sentences, what: str, returns_self: bool = False):
     return model
 
 
-def _call(fn, *args, what: str):
-    """Call student code; turn an exception into a failure that names the input."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except GradingFailure:
-        raise
-    except Exception as err:
-        raise GradingFailure(f"{what}: your code raised {type(err).__name__}: {err}") from err
-
-
 def _use_reference_state(model, reference) -> None:
     """Give a student's fitted model the reference's fitted state (same attribute names as the
     contract), so that prob is graded on its own and a mistake in fit costs only once."""
@@ -122,7 +117,7 @@ def _number(value, what: str) -> float:
 
 def _check_counts(fn, sentences, n, what):
     original = copy.deepcopy(sentences)
-    got = _call(fn, sentences, n, what=what)
+    got = call_student(fn, sentences, n, what=what)
     if sentences != original:
         raise GradingFailure(f"{what}: ngram_counts modified its input sentences")
     if not isinstance(got, Counter):
@@ -167,7 +162,7 @@ def _compare_probs(model, reference, contexts, words, what):
     for h in contexts:
         for w in words:
             expected = reference.prob(w, h)
-            got = _number(_call(model.prob, w, h, what=f"{what}: prob({w!r}, {h!r})"),
+            got = _number(call_student(model.prob, w, h, what=f"{what}: prob({w!r}, {h!r})"),
                           f"{what}: prob({w!r}, {h!r})")
             assert_close(got, expected, atol=ATOL, rtol=RTOL, what=f"{what}: prob({w!r}, {h!r})")
 
@@ -175,7 +170,7 @@ def _compare_probs(model, reference, contexts, words, what):
 def _compare_logprobs(model, reference, sentences, what: str) -> None:
     """model.logprob(s) equals reference.logprob(s) for every sentence."""
     for s in sentences:
-        got = _number(_call(model.logprob, list(s), what=f"{what}: logprob({s!r})"),
+        got = _number(call_student(model.logprob, list(s), what=f"{what}: logprob({s!r})"),
                       f"{what}: logprob({s!r})")
         assert_close(got, reference.logprob(s), atol=1e-9, rtol=1e-9, what=f"{what}: logprob({s!r})")
 
@@ -245,14 +240,14 @@ def check_ngramlm_vocab(ns):
             for i, h in enumerate(seen):
                 u = unknown[i % len(unknown)]
                 what_p = f"{what}: prob({u!r}, {h!r})"
-                assert_close(_call(model.prob, u, h, what=what_p), model.prob(UNK, h),
+                assert_close(call_student(model.prob, u, h, what=what_p), model.prob(UNK, h),
                              atol=ATOL, rtol=RTOL,
                              what=f"{what_p}: an unknown word must get your prob({UNK!r}, {h!r})")
                 if UNK in h:
                     context = tuple(u if x == UNK else x for x in h)
                     for w in sorted(reference.vocab):
                         what_p = f"{what}: prob({w!r}, {context!r})"
-                        assert_close(_call(model.prob, w, context, what=what_p),
+                        assert_close(call_student(model.prob, w, context, what=what_p),
                                      model.prob(w, h), atol=ATOL, rtol=RTOL,
                                      what=f"{what_p}: a context with an unknown word must be read "
                                           f"as {h!r}, i.e. equal your prob({w!r}, {h!r})")
@@ -291,7 +286,7 @@ def check_ngramlm_logprob(ns):
         sentences = corpus(seed)[:6] + dev_corpus(seed) + [[]]
         for s in sentences:
             expected = reference.logprob(s)
-            got = _number(_call(model.logprob, list(s), what=f"{what}: logprob({s!r})"),
+            got = _number(call_student(model.logprob, list(s), what=f"{what}: logprob({s!r})"),
                           f"{what}: logprob({s!r})")
             assert_close(got, expected, atol=1e-9, rtol=1e-9,
                          what=f"{what}: logprob({s!r}) (natural log, </s> included)")
@@ -313,7 +308,7 @@ def check_perplexity(ns):
     dev = dev_corpus(7, size=10)
     fixed = _FixedLogprob()
     expected = math.exp(sum(0.5 * len(s) + 1.0 for s in dev) / sum(len(s) + 1 for s in dev))
-    got = _number(_call(fn, fixed, dev, what="perplexity"), "perplexity")
+    got = _number(call_student(fn, fixed, dev, what="perplexity"), "perplexity")
     assert_close(got, expected, atol=1e-9, rtol=1e-9,
                  what="perplexity(model, sentences) for a model with logprob(s) = -0.5*len(s) - 1 "
                       f"on {len(dev)} sentences with {sum(map(len, dev))} words "
@@ -325,7 +320,7 @@ def check_perplexity(ns):
             what = (f"perplexity(NGramLM({n}, k={k}, min_count={min_count}) fitted on {name(seed)}, "
                     f"sentences={sentences!r})")
             expected = ref.perplexity(reference, sentences)
-            got = _number(_call(fn, reference, copy.deepcopy(sentences), what=what), what)
+            got = _number(call_student(fn, reference, copy.deepcopy(sentences), what=what), what)
             assert_close(got, expected, atol=1e-9, rtol=1e-9, what=what)
 
 
@@ -396,7 +391,7 @@ def check_interpolated_tune(ns):
             reference = ref.InterpolatedLM(**args).fit(train)
             reference.tune(dev, step)
             best = ref.perplexity(reference, dev)
-            got = _valid_lambdas(_call(model.tune, copy.deepcopy(dev), step, what=what), n, step, what)
+            got = _valid_lambdas(call_student(model.tune, copy.deepcopy(dev), step, what=what), n, step, what)
             assert_close(tuple(model.lambdas), got, atol=1e-12,
                          what=f"{what}: self.lambdas after tune (must be the returned lambdas)")
             reached = ref.perplexity(ref.InterpolatedLM(n, got, k, min_count).fit(train), dev)
@@ -432,7 +427,7 @@ def check_sample_sentence(ns):
                         f"model = reference {label} fitted on a random corpus, "
                         f"generator = torch.Generator().manual_seed({seed})")
                 expected = ref.sample_sentence(model, theirs)
-                got = _call(fn, model, mine, what=what)
+                got = call_student(fn, model, mine, what=what)
                 if not isinstance(got, list):
                     raise GradingFailure(f"{what}: expected a list of words, got {type(got).__name__}")
                 if got[-1:] == [EOS]:  # leaving </s> out is graded by check_sample_stops
@@ -463,8 +458,8 @@ def check_sample_stops(ns):
                     f"max_words={max_words}) with the reference {label}")
             expected = ref.sample_sentence(model, torch.Generator().manual_seed(seed), max_words)
             generator = torch.Generator().manual_seed(seed)
-            got = (_call(fn, model, generator, what=what) if max_words == 30  # the default
-                   else _call(fn, model, generator, max_words, what=what))
+            got = (call_student(fn, model, generator, what=what) if max_words == 30  # the default
+                   else call_student(fn, model, generator, max_words, what=what))
             if not isinstance(got, list):
                 raise GradingFailure(f"{what}: expected a list of words, got {type(got).__name__}")
             assert_equal(got, expected, what=what + " (stop when </s> is drawn, without adding it, "

@@ -38,6 +38,7 @@ from llmcourse.grading import (
     GradingFailure,
     assert_close,
     assert_equal,
+    call_student,
     forbid,
     on_each_device,
     student,
@@ -56,16 +57,6 @@ SPEED_VOCAB_SIZE = 600
 
 
 # --- calling student code -----------------------------------------------------------------------
-
-def _call(fn, *args, what: str):
-    """Call student code; turn an exception into a failure that names the input."""
-    try:
-        return fn(*args)
-    except (NotImplementedError, GradingFailure):
-        raise
-    except Exception as err:
-        raise GradingFailure(f"{what}: your code raised {type(err).__name__}: {err}") from err
-
 
 def _helpers(ns, **keep):
     """Swap the notebook's BPE helpers for the reference's, except those named in keep."""
@@ -288,7 +279,7 @@ def _creation_orders(vocab, merges: list) -> list[list]:
 
 
 def _train(fn, text, vocab_size, specials, what):
-    result = _call(fn, text, vocab_size, list(specials), what=what)
+    result = call_student(fn, text, vocab_size, list(specials), what=what)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise GradingFailure(f"{what}: train_bpe must return a tuple (vocab, merges), got {type(result).__name__}")
     vocab, merges = result
@@ -328,7 +319,7 @@ def check_bpe_vocab(ns):
 
 
 def _check_layout(fn, text, vocab_size, specials, what):
-    result = _call(fn, text, vocab_size, list(specials), what=what)
+    result = call_student(fn, text, vocab_size, list(specials), what=what)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise GradingFailure(f"{what}: train_bpe must return a tuple (vocab, merges), got {type(result).__name__}")
     vocab, merges = result
@@ -546,7 +537,7 @@ def encode_texts(seed: int) -> list[str]:
 
 
 def _encode_check(tok, text, expected, what):
-    got = _call(tok.encode, text, what=f"{what}: encode({_short(text)})")
+    got = call_student(tok.encode, text, what=f"{what}: encode({_short(text)})")
     if not isinstance(got, list):
         raise GradingFailure(f"{what}: encode must return a list of int, got {type(got).__name__}")
     if got != expected:
@@ -569,7 +560,7 @@ def check_encode(ns):
         for k, (label, vocab, merges, _specials) in enumerate(reference_tokenizers()):
             for specials in (None, []):
                 what = f"BPETokenizer(vocab, merges, special_tokens={specials}) {label}"
-                tok = _call(cls, dict(vocab), list(merges), specials and list(specials), what=what)
+                tok = call_student(cls, dict(vocab), list(merges), specials and list(specials), what=what)
                 reference = ref.BPETokenizer(vocab, merges, specials)
                 for text in encode_texts(70 + k) + [val[i:i + 300] for i in range(0, 1500, 300)]:
                     _encode_check(tok, text, reference.encode(text), what)
@@ -621,13 +612,13 @@ def check_encode_special_tokens(ns):
             vocab, merges = _special_tokenizer(specials)
             for order in (specials, list(reversed(specials))):
                 what = f"BPETokenizer(vocab, merges, special_tokens={order}) with merges {merges}"
-                tok = _call(cls, dict(vocab), list(merges), list(order), what=what)
+                tok = call_student(cls, dict(vocab), list(merges), list(order), what=what)
                 reference = ref.BPETokenizer(vocab, merges, list(order))
                 for text in special_texts(80 + k, specials):
                     _encode_check(tok, text, reference.encode(text),
                                   what + " (a special token is one id; the longest one wins)")
         vocab, merges = _special_tokenizer(SPECIAL_ENCODE_SETS[0])
-        tok = _call(cls, dict(vocab), list(merges), None, what="BPETokenizer(vocab, merges) (no special tokens)")
+        tok = call_student(cls, dict(vocab), list(merges), None, what="BPETokenizer(vocab, merges) (no special tokens)")
         reference = ref.BPETokenizer(vocab, merges)
         for text in special_texts(85, SPECIAL_ENCODE_SETS[0]):
             _encode_check(tok, text, reference.encode(text),
@@ -639,18 +630,18 @@ def check_decode(ns):
     with _helpers(ns):
         for k, (label, vocab, merges, specials) in enumerate(reference_tokenizers()):
             what = f"BPETokenizer(vocab, merges, {specials}) {label}"
-            tok = _call(cls, dict(vocab), list(merges), specials and list(specials), what=what)
+            tok = call_student(cls, dict(vocab), list(merges), specials and list(specials), what=what)
             reference = ref.BPETokenizer(vocab, merges, specials)
             rng = random.Random(90 + k)
             texts = encode_texts(95 + k) + [random_unicode(rng, 10) + EOT + random_unicode(rng, 5)]
             for text in texts:
                 ids = reference.encode(text)
-                got = _call(tok.decode, list(ids), what=f"{what}: decode(the reference's ids of {_short(text)})")
+                got = call_student(tok.decode, list(ids), what=f"{what}: decode(the reference's ids of {_short(text)})")
                 assert_equal(got, text, what=f"{what}: decode(encode({_short(text)})), with the reference's "
                              f"encode (the round trip must give the text back)")
                 for cut in sorted({1, len(ids) // 2, max(0, len(ids) - 1)}):  # prefixes cut characters
                     prefix = ids[:cut]
-                    got = _call(tok.decode, list(prefix), what=f"{what}: decode({prefix[:12]}...)")
+                    got = call_student(tok.decode, list(prefix), what=f"{what}: decode({prefix[:12]}...)")
                     assert_equal(got, reference.decode(prefix), what=f"{what}: decode of the first {cut} ids "
                                  f"of encode({_short(text, 40)}) (invalid UTF-8 becomes U+FFFD)")
             ids_pool = sorted(vocab)
@@ -658,7 +649,7 @@ def check_decode(ns):
                 ids = [rng.choice(ids_pool) for _ in range(rng.randint(0, 12))]
                 if rng.random() < 0.5:
                     ids += [rng.choice([0xC3, 0xE2, 0xF0, 0x80, 0xBF, 0xFF])]
-                got = _call(tok.decode, list(ids), what=f"{what}: decode({ids})")
+                got = call_student(tok.decode, list(ids), what=f"{what}: decode({ids})")
                 assert_equal(got, reference.decode(ids), what=f"{what}: decode({ids}) (the joined bytes, "
                              f"decoded with errors='replace')")
 
@@ -697,7 +688,7 @@ def check_one_hot(ns):
             ids = torch.randint(vocab_size, shape, generator=torch.Generator().manual_seed(seed)).to(device)
             what = f"one_hot(ids, {vocab_size}) for ids of shape {shape} on {device}"
             with forbid("one_hot", reason=NO_ONE_HOT):
-                got = _call(fn, ids, vocab_size, what=what)
+                got = call_student(fn, ids, vocab_size, what=what)
             expected = ref.one_hot(ids, vocab_size)
             if not isinstance(got, torch.Tensor):
                 raise GradingFailure(f"{what}: expected a tensor, got {type(got).__name__}")
@@ -733,7 +724,7 @@ def _sgns_inputs(B, K, d, dtype, scale, seed, device):
 def _compare_sgns(fn, inputs, what, atol, rtol):
     mine = [t.detach().clone().requires_grad_(True) for t in inputs]
     theirs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    got = _call(fn, *mine, what=what)
+    got = call_student(fn, *mine, what=what)
     expected = ref.sgns_loss(*theirs)
     if not isinstance(got, torch.Tensor) or got.dim() != 0:
         raise GradingFailure(f"{what}: sgns_loss must return a scalar (0-d) tensor, got "
@@ -742,7 +733,7 @@ def _compare_sgns(fn, inputs, what, atol, rtol):
                  f"of -[log sigma(u_o . v_c) + sum_k log sigma(-u_nk . v_c)])")
     if not got.requires_grad:
         raise GradingFailure(f"{what}: the loss has no gradient (don't detach, use torch operations)")
-    _call(got.backward, what=f"{what}: backward()")
+    call_student(got.backward, what=f"{what}: backward()")
     expected.backward()
     for name, a, b in zip(("center", "context", "negatives"), mine, theirs, strict=True):
         if a.grad is None:
@@ -794,7 +785,7 @@ def check_skipgram(ns):
         for seed, (V, d, B, K) in enumerate([(10, 4, 2, 3), (50, 8, 16, 5), (7, 3, 1, 1), (100, 16, 32, 10)]):
             what = f"SkipGram({V}, {d}) with random weights, a batch of {B} pairs with {K} negatives, on {device}"
             torch.manual_seed(seed)
-            model = _call(cls, V, d, what=what)
+            model = call_student(cls, V, d, what=what)
             _check_embeddings(model, V, d, what)
             reference = ref.SkipGram(V, d)
             g = torch.Generator().manual_seed(100 + seed)
@@ -806,13 +797,13 @@ def check_skipgram(ns):
             model.to(device)
             reference.to(device)
             ids = [torch.randint(V, shape, generator=g).to(device) for shape in ((B,), (B,), (B, K))]
-            loss = _call(model, *ids, what=what)
+            loss = call_student(model, *ids, what=what)
             expected = reference(*ids)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise GradingFailure(f"{what}: forward must return the scalar loss, got {loss!r:.100}")
             assert_close(loss, expected, atol=1e-5, rtol=1e-5, what=f"{what}: the loss (center vectors from "
                          f"in_embed, context and negative vectors from out_embed)")
-            _call(loss.backward, what=f"{what}: backward()")
+            call_student(loss.backward, what=f"{what}: backward()")
             expected.backward()
             for name in ("in_embed", "out_embed"):
                 got_grad = getattr(model, name).weight.grad
@@ -894,9 +885,9 @@ def check_skipgram_training(ns):
             f"are interchangeable, e.g. {' '.join(words[:12])!r}")
     with swapped(ns, sgns_loss=ref.sgns_loss), single_thread():
         torch.manual_seed(0)
-        model = _call(cls, len(vocab), 24, what=what)
+        model = call_student(cls, len(vocab), 24, what=what)
         _check_embeddings(model, len(vocab), 24, what)
-        _call(train_skipgram, model, words, vocab, what=what)
+        call_student(train_skipgram, model, words, vocab, what=what)
     right, total, wrong = neighbour_report(model, vocab)
     if right < NEIGHBOURS_REQUIRED:
         raise GradingFailure(
