@@ -7,80 +7,26 @@ receive ``globals()`` from the grading kernel.
 
 from __future__ import annotations
 
-import ast
 import copy
 import math
-import os
 import random
 from collections import Counter
 
 import pytest
 import torch
-from notebook_testing import (
-    exec_cells,
-    is_definition_cell,
-    nbformat_module,
-    nbg,
-    read_notebook,
-    release_notebook,
-)
+from unit_harness import C, UnitUnderTest, common_tests
 
-from autograder import notebooks
 from autograder.hidden import unit01_ngrams as hidden
 from autograder.references import unit01_ngrams as ref
-from llmcourse.grading import GradingFailure, HiddenTests
+from llmcourse.grading import GradingFailure
 
 UNIT = "01_ngrams"
-CHECKS = sorted(name for name in dir(hidden) if name.startswith("check_"))
-GRADED_NAMES = ["ngram_counts", "NGramLM", "perplexity", "InterpolatedLM", "sample_sentence",
-                "KneserNeyLM"]
 BOS, EOS, UNK = ref.BOS, ref.EOS, ref.UNK
-NB_PATH = notebooks.solution_notebook(UNIT)
-
-
-def run_check(check: str, ns: dict) -> None:
-    """Run a hidden check the way the notebook does (failures become GradingFailure)."""
-    HiddenTests(hidden).__getattr__(check)(ns)
-
-
-def failing_checks(ns_factory) -> set[str]:
-    failed = set()
-    for check in CHECKS:
-        try:
-            run_check(check, ns_factory())
-        except GradingFailure:
-            failed.add(check)
-    return failed
-
-
-REF_SOURCE = notebooks.reference_path(UNIT).read_text(encoding="utf-8")
-
-
-def reference_ns() -> dict:
-    """A notebook namespace holding the reference: its code is executed in the namespace, as in
-    a kernel, so a name replaced in it (a mutant, or swapped()) is what the other code sees."""
-    ns = {"__name__": "__main__"}
-    exec(compile(REF_SOURCE, str(notebooks.reference_path(UNIT)), "exec"), ns)
-    return ns
-
-
-# --- the reference passes every check -----------------------------------------------------------
-
-@pytest.mark.parametrize("check", CHECKS)
-def test_reference_passes(check):
-    ns = reference_ns()
-    before = {name: ns[name] for name in GRADED_NAMES}
-    run_check(check, ns)
-    assert all(ns[name] is before[name] for name in GRADED_NAMES), "swapped() must restore names"
-
-
-def test_hidden_checks_are_fast():
-    import time
-
-    start = time.perf_counter()
-    for check in CHECKS:
-        run_check(check, reference_ns())
-    assert time.perf_counter() - start < 5.0
+U = UnitUnderTest(UNIT, hidden, graded_names=["ngram_counts", "NGramLM", "perplexity", "InterpolatedLM",
+                                              "sample_sentence", "KneserNeyLM"],
+                  bonus={"bonus_kneser_ney": 5.0})
+CHECKS = U.checks
+run_check, reference_ns = U.run_check, U.reference_ns
 
 
 def test_failure_message_names_the_input():
@@ -94,18 +40,10 @@ def test_failure_message_names_the_input():
 
 
 # --- the release stubs (nbgrader's own ClearSolutions on the source notebook) --------------------
-# The tests above need only pytest and torch (they also run on a GPU machine without Jupyter);
-# the ones below read the notebook, so they need nbformat and nbgrader, as CI has.
 
-@pytest.fixture(scope="module")
-def release_ns_factory():
-    nb = release_notebook(NB_PATH)
-    return lambda: exec_cells(nb, is_definition_cell)
-
-
-def test_release_stubs_parse_and_construct(release_ns_factory):
-    ns = release_ns_factory()
-    for name in GRADED_NAMES:
+def test_release_stubs_parse_and_construct():
+    ns = U.release_ns()
+    for name in U.graded_names:
         assert name in ns, name
     model = ns["NGramLM"](2, k=0.5, min_count=2)
     assert (model.n, model.k, model.min_count) == (2, 0.5, 2)
@@ -115,18 +53,6 @@ def test_release_stubs_parse_and_construct(release_ns_factory):
         model.fit([["a"]])
     with pytest.raises(NotImplementedError):
         ns["ngram_counts"]([["a"]], 2)
-
-
-@pytest.mark.parametrize("check", CHECKS)
-def test_release_stubs_fail(check, release_ns_factory):
-    with pytest.raises(GradingFailure, match="NotImplementedError"):
-        run_check(check, release_ns_factory())
-
-
-@pytest.mark.parametrize("check", CHECKS)
-def test_missing_names_fail(check):
-    with pytest.raises(GradingFailure, match="is not defined"):
-        run_check(check, {})
 
 
 # --- lazy stubs: constants that a student might hope to get points with --------------------------
@@ -181,12 +107,6 @@ def lazy_ns() -> dict:
     }
 
 
-@pytest.mark.parametrize("check", CHECKS)
-def test_lazy_stubs_fail(check):
-    with pytest.raises(GradingFailure):
-        run_check(check, lazy_ns())
-
-
 def test_lazy_uniform_prob_with_correct_fit_fails_prob_checks():
     """A correct fit with a uniform prob earns the hidden vocab check only (it did the fitting)."""
 
@@ -194,7 +114,7 @@ def test_lazy_uniform_prob_with_correct_fit_fails_prob_checks():
         def prob(self, word, context):
             return 1.0 / len(self.vocab)
 
-    failed = failing_checks(lambda: {**reference_ns(), "NGramLM": UniformProb})
+    failed = U.failing_checks(lambda: {**reference_ns(), "NGramLM": UniformProb})
     assert failed == {"check_ngramlm_mle", "check_ngramlm_add_k", "check_ngramlm_unseen_history"}
 
 
@@ -491,7 +411,6 @@ class KnNoMinCount(ref.KneserNeyLM):
             self.min_count = saved
 
 
-C = "check_"
 MUTANTS = {
     # name: (namespace overrides, the checks it must fail: exactly these)
     "counts_forgets_eos": ({"ngram_counts": counts_forgets_eos},
@@ -542,47 +461,10 @@ MUTANTS = {
 CASCADES = {"fit_returns_none": {C + "interpolated_prob"}}
 
 
-@pytest.mark.parametrize("mutant", sorted(MUTANTS))
-def test_mutant_fails_its_hidden_checks_only(mutant):
-    overrides, expected = MUTANTS[mutant]
-    failed = failing_checks(lambda: {**reference_ns(), **overrides})
-    assert failed == expected, f"{mutant}: failed {sorted(failed)}, expected {sorted(expected)}"
-
-
-@pytest.fixture(scope="module")
-def graded_cells():
-    """(check name, visible source of the release cell) for every autograded cell."""
-    source = {c.id: c.source for c in read_notebook(NB_PATH).cells}
-    cells = []
-    for cell in release_notebook(NB_PATH).cells:
-        meta = nbg(cell)
-        if meta["grade"] and not meta["solution"]:
-            check = source[cell.id].split(f'hidden_tests("{UNIT}").')[1].split("(")[0]
-            cells.append((check, cell.source))
-    return cells
-
-
-@pytest.mark.parametrize("mutant", sorted(MUTANTS))
-def test_mutant_costs_exactly_once(mutant, graded_cells):
-    """Whole cells, as nbgrader grades them: the visible tests, then the hidden ones. A mistake
-    in one graded part fails the cells of that part only (the bonus cell may fail too when the
-    mistake is in ngram_counts, which KneserNeyLM uses: it is extra credit)."""
-    overrides, expected = MUTANTS[mutant]
-    helpers = notebook_helpers(release_notebook(NB_PATH))
-    failed = set()
-    for check, visible in graded_cells:
-        ns = reference_ns()
-        ns.update(overrides)
-        ns.update(helpers)
-        try:
-            exec(compile(visible, check, "exec"), ns)
-            run_check(check, ns)
-        except Exception:
-            failed.add(check)
-    if "ngram_counts" in overrides:
-        failed.discard(C + "kneser_ney")
-    expected = expected | CASCADES.get(mutant, set())
-    assert failed == expected, f"{mutant}: failed {sorted(failed)}, expected {sorted(expected)}"
+# A mistake in ngram_counts may also fail the bonus cell (KneserNeyLM uses it): it is extra credit.
+globals().update(common_tests(
+    U, lazy_ns=lazy_ns, mutants=MUTANTS, cascades=CASCADES, hidden_seconds=5.0,
+    may_also_fail=lambda overrides: {C + "kneser_ney"} if "ngram_counts" in overrides else set()))
 
 
 def test_tune_accepts_any_optimal_tie():
@@ -681,154 +563,6 @@ def test_tune_is_efficient():
     model.tune(dev, step=0.05)
     n_tokens = sum(len(s) + 1 for s in dev)
     assert dict(calls) == {1: n_tokens, 2: n_tokens, 3: n_tokens}
-
-
-# --- the notebook is well-formed for nbgrader ---------------------------------------------------
-
-@pytest.fixture(scope="module")
-def nb():
-    return read_notebook(NB_PATH)
-
-
-def test_notebook_format(nb):
-    nbformat_module().validate(nb)
-    assert (nb.nbformat, nb.nbformat_minor) == (4, 5)
-    assert nb.metadata.kernelspec == {"display_name": "Python 3 (ipykernel)", "language": "python",
-                                      "name": "python3"}
-    ids = [cell.get("id") for cell in nb.cells]
-    assert all(ids) and len(set(ids)) == len(ids)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, cell.id
-        meta = nbg(cell)
-        assert meta and meta["schema_version"] == 3 and meta["task"] is False, cell.id
-        assert set(meta) >= {"grade", "grade_id", "locked", "solution"}, cell.id
-
-
-def test_grade_ids_and_points(nb):
-    grade_ids = [nbg(c)["grade_id"] for c in nb.cells]
-    assert len(set(grade_ids)) == len(grade_ids)
-    auto = {nbg(c)["grade_id"]: nbg(c)["points"] for c in nb.cells
-            if nbg(c)["grade"] and not nbg(c)["solution"]}
-    manual = {nbg(c)["grade_id"]: nbg(c)["points"] for c in nb.cells
-              if nbg(c)["grade"] and nbg(c)["solution"]}
-    bonus = notebooks.bonus_points(UNIT)
-    assert bonus == {"bonus_kneser_ney": 5.0}
-    assert auto["bonus_kneser_ney"] == 0
-    assert sum(auto.values()) == 85
-    assert sum(manual.values()) == 15 and len(manual) == 3
-    for c in nb.cells:
-        meta = nbg(c)
-        if meta["grade"] and not meta["solution"]:
-            assert c.cell_type == "code" and meta["locked"], meta["grade_id"]
-            assert meta["grade_id"].startswith("bonus_" if meta["grade_id"] in bonus else "test_")
-            assert ("bonus:5" in c.metadata.get("tags", [])) == (meta["grade_id"] in bonus)
-        if meta["grade"] and meta["solution"]:
-            assert c.cell_type == "markdown" and not meta["locked"] and meta["grade_id"].startswith("q_")
-            assert "Answer key" in c.source and "Rubric" in c.source
-        if not meta["grade"] and not meta["solution"]:
-            assert meta["locked"], meta["grade_id"]
-
-
-def test_every_check_is_called_once_from_a_test_cell(nb):
-    called = []
-    for c in nb.cells:
-        meta = nbg(c)
-        if meta["grade"] and not meta["solution"]:
-            src = c.source
-            assert src.count("### BEGIN HIDDEN TESTS") == 1 and src.rstrip().endswith("### END HIDDEN TESTS")
-            hidden_part = src.split("### BEGIN HIDDEN TESTS")[1]
-            calls = [line.strip() for line in hidden_part.splitlines() if "hidden_tests(" in line]
-            assert len(calls) == 1 and calls[0].startswith(f'hidden_tests("{UNIT}").check_')
-            called.append(calls[0].split(".")[1].split("(")[0])
-    assert sorted(called) == CHECKS
-
-
-def test_graded_names_are_top_level_in_solution_cells(nb):
-    defined = {}
-    for c in nb.cells:
-        meta = nbg(c)
-        if c.cell_type == "code" and meta["solution"]:
-            assert not meta["grade"]
-            tree = ast.parse(c.source)
-            for node in tree.body:
-                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                    defined[node.name] = meta["grade_id"]
-            assert "print(" not in c.source and "plt." not in c.source and "shakespeare" not in c.source
-    for name in GRADED_NAMES:
-        assert name in defined, name
-
-
-def test_solution_regions_wrap_every_method_separately(nb):
-    for c in nb.cells:
-        if c.cell_type == "code" and nbg(c)["solution"]:
-            lines = c.source.splitlines()
-            begins = [i for i, ln in enumerate(lines) if ln.strip() == "### BEGIN SOLUTION"]
-            ends = [i for i, ln in enumerate(lines) if ln.strip() == "### END SOLUTION"]
-            assert len(begins) == len(ends) >= 1
-            for b, e in zip(begins, ends, strict=True):
-                assert b < e
-                assert not any(ln.lstrip().startswith(("def ", "class ")) for ln in lines[b:e]), c.id
-
-
-def test_markers_only_where_nbgrader_expects_them(nb):
-    for c in nb.cells:
-        meta = nbg(c)
-        if not meta["solution"]:
-            assert "BEGIN SOLUTION" not in c.source and "END SOLUTION" not in c.source, c.id
-        if not (meta["grade"] and not meta["solution"]):
-            assert "HIDDEN TESTS" not in c.source, c.id
-
-
-def test_imports_cells(nb):
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert "%pip install" in code[0].source and "export" not in code[0].metadata.get("tags", [])
-    export = [c for c in code if "export" in c.metadata.get("tags", [])]
-    assert len(export) == 1 and export[0] is code[1] and nbg(export[0])["locked"]
-    assert all(isinstance(node, (ast.Import, ast.ImportFrom))
-               for node in ast.parse(export[0].source).body)
-
-
-def test_reference_is_fresh():
-    assert notebooks.reference_path(UNIT).read_text(encoding="utf-8") == \
-        notebooks.exported_reference(UNIT), "run `make references`"
-
-
-# --- the visible tests pass on the reference and fail on the release stubs -----------------------
-
-def visible_test_cells(nb):
-    return [c for c in nb.cells if nbg(c)["grade"] and not nbg(c)["solution"]]
-
-
-def notebook_helpers(nb) -> dict:
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    return exec_cells(nb, lambda c: c.get("id") == "notebook-imports")
-
-
-@pytest.fixture(scope="module")
-def release_nb():
-    return release_notebook(NB_PATH)
-
-
-def test_visible_tests_pass_on_the_reference(release_nb):
-    helpers = notebook_helpers(release_nb)
-    for cell in visible_test_cells(release_nb):
-        assert "hidden_tests" not in cell.source  # nbgrader removed the hidden part
-        ns = {**helpers, **reference_ns()}
-        exec(compile(cell.source, cell.id, "exec"), ns)
-
-
-def test_visible_tests_fail_on_the_release_stubs(release_nb, release_ns_factory):
-    helpers = notebook_helpers(release_nb)
-    for cell in visible_test_cells(release_nb):
-        ns = {**helpers, **release_ns_factory()}
-        with pytest.raises(NotImplementedError):
-            exec(compile(cell.source, cell.id, "exec"), ns)
-
-
-def test_release_replaces_written_answers(release_nb):
-    answers = [c for c in release_nb.cells if nbg(c)["grade"] and nbg(c)["solution"]]
-    assert len(answers) == 3 and all(c.source == "YOUR ANSWER HERE" for c in answers)
 
 
 def test_inputs_are_not_modified_by_the_reference():
