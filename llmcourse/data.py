@@ -189,3 +189,25 @@ def split_dataset(items: list, fractions=(0.8, 0.1, 0.1), seed: int = 42) -> tup
 def shakespeare_word_splits(seed: int = 42) -> tuple[list[list[str]], list[list[str]], list[list[str]]]:
     """Tiny Shakespeare at word level, one sentence per line, split 80/10/10 (train, dev, test)."""
     return split_dataset(word_sentences(load_text("tinyshakespeare")), seed=seed)
+
+
+NAMES_END = "."  # the one token that starts and ends every name, as in makemore
+
+
+def names_splits(seed: int = 42) -> tuple[list[str], list[str], list[str]]:
+    """names.txt, one lower-case name per line, split 80/10/10 (train, dev, test).
+
+    With the default seed the parts are makemore's (``random.seed(42)``, shuffle, cut at 80% and 90%).
+    """
+    names = load_text("names").split()
+    return split_dataset(names, seed=seed)
+
+
+def char_vocab(texts, first: str | None = NAMES_END) -> tuple[dict[str, int], list[str]]:
+    """Character vocabulary of ``texts``: ``first`` (if given) gets id 0, the rest sorted after it.
+
+    Returns ``(stoi, itos)`` with ``itos[stoi[c]] == c``.
+    """
+    chars = sorted(set().union(*map(set, texts)) - {first})
+    itos = ([first] if first is not None else []) + chars
+    return {c: i for i, c in enumerate(itos)}, itos

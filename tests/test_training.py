@@ -1,0 +1,92 @@
+"""The shared training utilities (llmcourse.training) and the names data they feed on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmcourse.data import char_vocab, names_splits
+from llmcourse.training import (
+    History,
+    context_windows,
+    mean_loss,
+    random_chunks,
+    random_rows,
+    train,
+)
+
+
+def test_names_splits_are_makemores():
+    train_words, dev, test = names_splits()
+    assert (len(train_words), len(dev), len(test)) == (25626, 3203, 3204)
+    assert train_words[:3] == ["yuheng", "diondre", "xavien"]  # makemore's shuffle with seed 42
+    assert sorted(train_words + dev + test) == sorted(names_splits(seed=1)[0] + names_splits(seed=1)[1]
+                                                       + names_splits(seed=1)[2])
+
+
+def test_char_vocab_puts_the_end_token_first():
+    stoi, itos = char_vocab(["emma", "ava"])
+    assert itos == [".", "a", "e", "m", "v"] and stoi == {c: i for i, c in enumerate(itos)}
+    assert char_vocab(["ba"], first=None)[1] == ["a", "b"]
+
+
+def test_context_windows():
+    stoi, _ = char_vocab(["emma"])
+    X, Y = context_windows(["emma"], stoi, 3)
+    assert X.dtype == Y.dtype == torch.long and X.shape == (5, 3) and Y.shape == (5,)
+    e, m, a = stoi["e"], stoi["m"], stoi["a"]
+    assert X.tolist() == [[0, 0, 0], [0, 0, e], [0, e, m], [e, m, m], [m, m, a]]
+    assert Y.tolist() == [e, m, m, a, 0]
+
+
+def test_random_chunks_targets_are_the_next_ids():
+    data = torch.arange(100)
+    x, y = random_chunks(data, 8, 5, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (5, 8)
+    assert torch.equal(y, x + 1) and int(y.max()) <= 99
+    rows = random_rows(10, 64, torch.Generator().manual_seed(0))
+    assert rows.shape == (64,) and 0 <= int(rows.min()) and int(rows.max()) < 10
+
+
+def _regression(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 4, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1
+    return x, y
+
+
+def test_train_fits_evaluates_and_clips():
+    torch.manual_seed(0)
+    x, y = _regression()
+    model = torch.nn.Linear(4, 1)
+    clips, evals = [], []
+
+    def clip(parameters, max_norm):
+        clips.append(max_norm)
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    history = train(model, lambda step: ((model(x).squeeze(-1) - y) ** 2).mean(), 200,
+                    torch.optim.SGD(model.parameters(), lr=0.1), clip=clip, max_norm=5.0,
+                    evaluate=lambda: {"mse": ((model(x).squeeze(-1) - y) ** 2).mean()}, eval_every=50,
+                    on_eval=evals.append, progress=False)
+    assert len(history.train) == 200 and len(clips) == 200 and clips[0] == 5.0
+    assert history.eval_steps == [0, 50, 100, 150, 199] == evals
+    assert history.evals["mse"][-1] < 1e-3 < history.evals["mse"][0]
+    assert not model.training  # left in eval mode, ready to sample
+    assert len(history.smoothed(50)) == 4 and history.smoothed(50)[-1] < history.smoothed(50)[0]
+
+
+def test_train_stops_when_the_loss_is_not_finite(capsys):
+    model = torch.nn.Linear(1, 1)
+    history = train(model, lambda step: model.weight.sum() * (math.inf if step == 3 else 1.0), 10,
+                    torch.optim.SGD(model.parameters(), lr=0.0), progress=False)
+    assert len(history.train) == 3 and "stopping" in capsys.readouterr().out
+
+
+def test_mean_loss_weights_by_predictions():
+    # Two batches of rows: means 1.0 over 3 predictions and 4.0 over 1 prediction.
+    means = {0: (1.0, 3), 2: (4.0, 1)}
+    assert mean_loss(lambda rows: means[int(rows[0])], 4, batch_size=2) == pytest.approx(7 / 4)
+    assert History().smoothed() == []
