@@ -211,3 +211,54 @@ def char_vocab(texts, first: str | None = NAMES_END) -> tuple[dict[str, int], li
     chars = sorted(set().union(*map(set, texts)) - {first})
     itos = ([first] if first is not None else []) + chars
     return {c: i for i, c in enumerate(itos)}, itos
+
+
+# --- a toy translation task: dates as people write them -> ISO 8601 -----------------------------
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"  # ids 0, 1, 2 in a seq2seq vocabulary
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+           "October", "November", "December"]
+_WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+DATE_FORMATS = {
+    # name: how a date is written (each unambiguous: day-first wherever digits stand for both)
+    "ordinal": lambda d: f"the {_ordinal(d.day)} of {_MONTHS[d.month - 1]} {d.year}",
+    "day_month_year": lambda d: f"{d.day} {_MONTHS[d.month - 1]} {d.year}",
+    "month_day_year": lambda d: f"{_MONTHS[d.month - 1]} {d.day}, {d.year}",
+    "short_month": lambda d: f"{_MONTHS[d.month - 1][:3].lower()} {d.day} {d.year}",
+    "weekday": lambda d: f"{_WEEKDAYS[d.weekday()].lower()}, {d.day} {_MONTHS[d.month - 1].lower()} {d.year}",
+    "dotted": lambda d: f"{d.day:02d}.{d.month:02d}.{d.year}",
+    "slashed": lambda d: f"{d.day}/{d.month}/{d.year}",
+}
+
+
+def date_pairs(n: int, seed: int = 0, formats=None) -> list[tuple[str, str]]:
+    """``n`` (human-written date, ISO date) pairs, e.g. ("the 3rd of March 2019", "2019-03-03").
+
+    Dates are uniform over 1950-01-01 .. 2049-12-31 and formats uniform over ``formats`` (names
+    from ``DATE_FORMATS``, default all); the same ``seed`` gives the same pairs on every machine.
+    """
+    import datetime
+
+    rng = random.Random(seed)
+    names = sorted(DATE_FORMATS) if formats is None else list(formats)
+    first, span = datetime.date(1950, 1, 1).toordinal(), 365 * 100 + 25
+    pairs = []
+    for _ in range(n):
+        date = datetime.date.fromordinal(first + rng.randrange(span))
+        pairs.append((DATE_FORMATS[rng.choice(names)](date), date.isoformat()))
+    return pairs
+
+
+def seq2seq_vocab(texts) -> tuple[dict[str, int], list[str]]:
+    """Character vocabulary with ``PAD``, ``BOS``, ``EOS`` as ids 0, 1, 2, then the sorted characters.
+
+    Returns ``(stoi, itos)``.
+    """
+    itos = [PAD, BOS, EOS] + sorted(set().union(*map(set, texts)))
+    return {c: i for i, c in enumerate(itos)}, itos

@@ -122,3 +122,12 @@ def mean_loss(loss_of_batch: Callable[[torch.Tensor], tuple[torch.Tensor, int]],
         total += float(mean) * k
         count += k
     return total / max(count, 1)
+
+
+def pad_batch(sequences: list[list[int]], pad: int = 0) -> torch.Tensor:
+    """Right-pad id lists to the longest one: (B, max length) int64."""
+    width = max((len(s) for s in sequences), default=0)
+    out = torch.full((len(sequences), width), pad, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        out[row, :len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+    return out

@@ -7,11 +7,21 @@ import math
 import pytest
 import torch
 
-from llmcourse.data import char_vocab, names_splits
+from llmcourse.data import (
+    BOS,
+    DATE_FORMATS,
+    EOS,
+    PAD,
+    char_vocab,
+    date_pairs,
+    names_splits,
+    seq2seq_vocab,
+)
 from llmcourse.training import (
     History,
     context_windows,
     mean_loss,
+    pad_batch,
     random_chunks,
     random_rows,
     train,
@@ -90,3 +100,26 @@ def test_mean_loss_weights_by_predictions():
     means = {0: (1.0, 3), 2: (4.0, 1)}
     assert mean_loss(lambda rows: means[int(rows[0])], 4, batch_size=2) == pytest.approx(7 / 4)
     assert History().smoothed() == []
+
+
+def test_date_pairs_are_deterministic_and_correct():
+    import datetime
+
+    pairs = date_pairs(2000, seed=3)
+    assert pairs == date_pairs(2000, seed=3) and pairs != date_pairs(2000, seed=4)
+    assert pairs[:2] == [("sep 12 1992", "1992-09-12"), ("26.08.2047", "2047-08-26")]
+    for text, iso in pairs:
+        date = datetime.date.fromisoformat(iso)
+        assert datetime.date(1950, 1, 1) <= date <= datetime.date(2049, 12, 31)
+        assert str(date.year) in text and (str(date.day) in text or f"{date.day:02d}" in text)
+    assert {DATE_FORMATS["ordinal"](datetime.date(2019, 3, d)) for d in (1, 2, 3, 11, 12, 13, 21, 22, 23)} == {
+        f"the {o} of March 2019" for o in ("1st", "2nd", "3rd", "11th", "12th", "13th", "21st", "22nd", "23rd")}
+    assert {text.split()[0] for text, _ in date_pairs(500, formats=["weekday"])} >= {"monday,", "sunday,"}
+    assert DATE_FORMATS["weekday"](datetime.date(2019, 3, 3)) == "sunday, 3 march 2019"
+
+
+def test_seq2seq_vocab_and_padding():
+    stoi, itos = seq2seq_vocab(["ba", "2019"])
+    assert itos[:3] == [PAD, BOS, EOS] and itos[3:] == ["0", "1", "2", "9", "a", "b"]
+    assert pad_batch([[5, 6, 7], [8]], pad=0).tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert pad_batch([[]]).shape == (1, 0) and pad_batch([]).shape == (0, 0)
