@@ -108,3 +108,28 @@ def bar(labels: Sequence[str], values: Sequence[float], *, ylabel: str = "", tit
     if title:
         ax.set_title(title)
     return ax
+
+
+def show_table(header: Sequence[str], rows: Iterable[Sequence], fmt: str = "{:,.2f}") -> str:
+    """Display rows as a Markdown table in a notebook (printed elsewhere); returns the Markdown.
+
+    Floats are formatted with ``fmt`` (infinity as ∞); ``<``, ``>`` and ``|`` are escaped so that
+    tokens such as ``<s>`` show as text.
+    """
+    def cell(x) -> str:
+        text = ("∞" if x == float("inf") else fmt.format(x)) if isinstance(x, float) else str(x)
+        return text.replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    markdown = "\n".join(lines)
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(Markdown(markdown))
+    else:
+        print(markdown)
+    return markdown
