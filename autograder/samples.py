@@ -36,11 +36,18 @@ MISTAKES: dict[str, list[tuple[str, str, str]]] = {
         # the negative samples' term with the wrong sign
         ("sgns_loss", "F.logsigmoid(-negative)", "F.logsigmoid(negative)"),
     ],
+    "03_rnns": [
+        # nn.RNNCell's second bias forgotten in the model
+        ("RNNLM", "bias = self.bias_ih + self.bias_hh", "bias = self.bias_ih"),
+        # the squared norm used as the norm (no square root)
+        ("clip_grad_norm", "for g in grads]).sum().sqrt()", "for g in grads]).sum()"),
+    ],
 }
 # What carol's mistakes cost, in autograded points: each mistake fails its own test cells only.
 CAROL_LOSES: dict[str, float] = {
     "01_ngrams": 7 + 10,  # test_ngram_add_k (7), test_perplexity (10)
     "02_tokenization": 6 + 8,  # test_bpe_tie_breaking (6), test_sgns_loss (8)
+    "03_rnns": 12 + 10,  # test_rnnlm_forward (12), test_clip_grad_norm (10)
 }
 # Written answers carol leaves blank (the rest she answers with the key's text).
 CAROL_SKIPS_WRITTEN = 1
