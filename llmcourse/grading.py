@@ -181,10 +181,15 @@ def on_each_device(check) -> None:
     for device in available_devices():
         try:
             check(device)
-        except GradingFailure as err:
-            raise GradingFailure(f"[on {device}] {err}") from None
         except Exception as err:
+            if device.type == "mps" and _MPS_NO_FLOAT64 in str(err):
+                continue  # a float64 case: the CPU run has graded it, Apple GPUs cannot run it
+            if isinstance(err, GradingFailure):
+                raise GradingFailure(f"[on {device}] {err}") from None
             raise GradingFailure(f"[on {device}] {type(err).__name__}: {err}") from err
+
+
+_MPS_NO_FLOAT64 = "MPS framework doesn't support float64"  # PyTorch's error for float64 on an Apple GPU
 
 
 # --- reading the notebook's names -------------------------------------------------------------

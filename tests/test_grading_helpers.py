@@ -67,6 +67,24 @@ def test_on_each_device_names_the_device():
         grading.on_each_device(broken)
 
 
+def test_on_each_device_leaves_float64_cases_to_the_cpu_on_apple_gpus(monkeypatch):
+    """MPS has no float64: a check with float64 cases grades them on the CPU and skips them there,
+    while any other failure on MPS still counts."""
+    monkeypatch.setattr(runtime, "available_devices", lambda: [torch.device("cpu"), torch.device("mps")])
+    seen = []
+
+    def float64_case(device):
+        seen.append(device.type)
+        if device.type == "mps":
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't "
+                            "support float64. Please use float32 instead.")
+
+    grading.on_each_device(float64_case)
+    assert seen == ["cpu", "mps"]
+    with pytest.raises(GradingFailure, match=r"\[on mps\] ValueError: wrong"):
+        grading.on_each_device(lambda device: (_ for _ in ()).throw(ValueError("wrong")) if device.type == "mps" else None)
+
+
 # --- forbidden calls ---------------------------------------------------------------------------
 
 SDPA = F.scaled_dot_product_attention  # a name bound before the guard
