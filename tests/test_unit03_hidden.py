@@ -20,7 +20,6 @@ from unit_harness import C, UnitUnderTest, common_tests
 from autograder.hidden import unit03_rnns as hidden
 from autograder.references import unit03_rnns as ref
 from llmcourse.grading import GradingFailure
-from llmcourse.runtime import single_thread
 
 UNIT = "03_rnns"
 GRADED_NAMES = ["rnn_cell", "RNNLM", "encode_names", "sequence_nll", "clip_grad_norm", "generate"]
@@ -56,11 +55,7 @@ U = UnitUnderTest(UNIT, hidden, graded_names=GRADED_NAMES, part_names=PART_NAMES
 run_check, reference_ns, make_ns = U.run_check, U.reference_ns, U.make_ns
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster and steadier on a busy 2-core machine."""
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the reference against PyTorch --------------------------------------------------------------
