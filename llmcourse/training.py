@@ -124,10 +124,18 @@ def mean_loss(loss_of_batch: Callable[[torch.Tensor], tuple[torch.Tensor, int]],
     return total / max(count, 1)
 
 
-def pad_batch(sequences: list[list[int]], pad: int = 0) -> torch.Tensor:
-    """Right-pad id lists to the longest one: (B, max length) int64."""
+def pad_batch(sequences: list[list[int]], pad: int = 0, side: str = "right") -> torch.Tensor:
+    """Pad id lists to the longest one: (B, max length) int64.
+
+    ``side="left"`` puts the padding first, so that every sequence ends at the last position (an
+    encoder's last output is then the summary of every row).
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     width = max((len(s) for s in sequences), default=0)
     out = torch.full((len(sequences), width), pad, dtype=torch.long)
     for row, seq in enumerate(sequences):
-        out[row, :len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        if len(seq):
+            start = 0 if side == "right" else width - len(seq)
+            out[row, start:start + len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
     return out

@@ -122,4 +122,5 @@ def test_seq2seq_vocab_and_padding():
     stoi, itos = seq2seq_vocab(["ba", "2019"])
     assert itos[:3] == [PAD, BOS, EOS] and itos[3:] == ["0", "1", "2", "9", "a", "b"]
     assert pad_batch([[5, 6, 7], [8]], pad=0).tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert pad_batch([[5, 6, 7], [8], []], pad=1, side="left").tolist() == [[5, 6, 7], [1, 1, 8], [1, 1, 1]]
     assert pad_batch([[]]).shape == (1, 0) and pad_batch([]).shape == (0, 0)
