@@ -42,12 +42,19 @@ MISTAKES: dict[str, list[tuple[str, str, str]]] = {
         # the squared norm used as the norm (no square root)
         ("clip_grad_norm", "for g in grads]).sum().sqrt()", "for g in grads]).sum()"),
     ],
+    "04_lstm_seq2seq": [
+        # the gates read in the wrong order (i, f, o, g instead of PyTorch's i, f, g, o)
+        ("lstm_cell", "i, f, g, o = gates.chunk(4, dim=-1)", "i, f, o, g = gates.chunk(4, dim=-1)"),
+        # greedy decoding stops as soon as one row has produced EOS, not every row
+        ("Seq2Seq", "if bool(finished.all()):", "if bool(finished.any()):"),
+    ],
 }
 # What carol's mistakes cost, in autograded points: each mistake fails its own test cells only.
 CAROL_LOSES: dict[str, float] = {
     "01_ngrams": 7 + 10,  # test_ngram_add_k (7), test_perplexity (10)
     "02_tokenization": 6 + 8,  # test_bpe_tie_breaking (6), test_sgns_loss (8)
     "03_rnns": 12 + 10,  # test_rnnlm_forward (12), test_clip_grad_norm (10)
+    "04_lstm_seq2seq": 12 + 12,  # test_lstm_cell (12), test_greedy_decode (12)
 }
 # Written answers carol leaves blank (the rest she answers with the key's text).
 CAROL_SKIPS_WRITTEN = 1
