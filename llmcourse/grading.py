@@ -153,6 +153,15 @@ def _same_keys(actual: Mapping, expected: Mapping, where: str) -> None:
         raise GradingFailure(f"{where}: " + "; ".join(parts))
 
 
+def assert_gradients(pairs, *, what: str, atol: float, rtol: float, of: str = "the result") -> None:
+    """After the student's output was backpropagated: every ``(name, leaf, expected_grad)`` in
+    ``pairs`` has a gradient, and it is close to ``expected_grad`` (same shape as ``leaf``)."""
+    for name, leaf, expected in pairs:
+        if leaf.grad is None:
+            raise GradingFailure(f"{what}: {of} does not depend on {name} (its gradient is None)")
+        assert_close(leaf.grad, expected, atol=atol, rtol=rtol, what=f"{what}: the gradient with respect to {name}")
+
+
 def assert_equal(actual, expected, *, what: str = "", inputs=None) -> None:
     """Assert exact equality; on failure, show the first differences rather than two big reprs."""
     if actual == expected:

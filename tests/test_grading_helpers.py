@@ -232,3 +232,14 @@ def test_fast_mode_and_devices(monkeypatch):
     a = (rng.random(), torch.rand(1).item())
     rng = runtime.seed_everything(3)
     assert a == (rng.random(), torch.rand(1).item())
+
+
+def test_assert_gradients_names_the_input_without_a_gradient_or_with_a_wrong_one():
+    x, w = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    (2 * x).sum().backward()
+    grading.assert_gradients([("x", x, torch.full((2,), 2.0))], what="f", atol=1e-6, rtol=1e-6)
+    with pytest.raises(GradingFailure, match=r"f: the loss does not depend on w \(its gradient is None\)"):
+        grading.assert_gradients([("x", x, torch.full((2,), 2.0)), ("w", w, torch.ones(2))], what="f",
+                                 atol=1e-6, rtol=1e-6, of="the loss")
+    with pytest.raises(GradingFailure, match="f: the gradient with respect to x"):
+        grading.assert_gradients([("x", x, torch.ones(2))], what="f", atol=1e-6, rtol=1e-6)

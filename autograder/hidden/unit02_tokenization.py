@@ -38,6 +38,7 @@ from llmcourse.grading import (
     GradingFailure,
     assert_close,
     assert_equal,
+    assert_gradients,
     call_student,
     forbid,
     on_each_device,
@@ -735,10 +736,9 @@ def _compare_sgns(fn, inputs, what, atol, rtol):
         raise GradingFailure(f"{what}: the loss has no gradient (don't detach, use torch operations)")
     call_student(got.backward, what=f"{what}: backward()")
     expected.backward()
-    for name, a, b in zip(("center", "context", "negatives"), mine, theirs, strict=True):
-        if a.grad is None:
-            raise GradingFailure(f"{what}: the loss does not depend on {name}")
-        assert_close(a.grad, b.grad, atol=atol, rtol=rtol, what=f"{what}: the gradient of the loss with respect to {name}")
+    assert_gradients([(name, a, b.grad) for name, a, b in zip(("center", "context", "negatives"), mine, theirs,
+                                                              strict=True)],
+                     what=what, atol=atol, rtol=rtol, of="the loss")
 
 
 def check_sgns_loss(ns):

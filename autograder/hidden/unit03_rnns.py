@@ -45,6 +45,7 @@ from llmcourse.grading import (
     GradingFailure,
     assert_close,
     assert_equal,
+    assert_gradients,
     call_student,
     forbid,
     on_each_device,
@@ -155,10 +156,8 @@ def check_rnn_cell(ns):
                 raise GradingFailure(f"{what}: the result has no gradient (don't detach, use torch operations)")
             call_student((got * weights).sum().backward, what=f"{what}: backward()")
             (expected * weights).sum().backward()
-            for name, a, b in zip(("x_t", "h_prev", "W_xh", "W_hh", "b_h"), mine, theirs, strict=True):
-                if a.grad is None:
-                    raise GradingFailure(f"{what}: the result does not depend on {name}")
-                assert_close(a.grad, b.grad, **tol, what=f"{what}: the gradient with respect to {name}")
+            assert_gradients([(name, a, b.grad) for name, a, b in zip(("x_t", "h_prev", "W_xh", "W_hh", "b_h"),
+                                                                      mine, theirs, strict=True)], what=what, **tol)
 
     with single_thread():
         on_each_device(check)
@@ -509,9 +508,7 @@ def _compare_nll(fn, logits, targets, ignore_index, what, atol, rtol, gradient=T
         raise GradingFailure(f"{what}: the loss has no gradient (don't detach, use torch operations)")
     call_student(got.backward, what=f"{what}: backward()")
     expected.backward()
-    if mine.grad is None:
-        raise GradingFailure(f"{what}: the loss does not depend on the logits")
-    assert_close(mine.grad, theirs.grad, atol=atol, rtol=rtol, what=f"{what}: the gradient with respect to the logits")
+    assert_gradients([("the logits", mine, theirs.grad)], what=what, atol=atol, rtol=rtol, of="the loss")
 
 
 def check_sequence_nll(ns):

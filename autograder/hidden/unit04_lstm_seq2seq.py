@@ -45,6 +45,7 @@ from llmcourse.grading import (
     GradingFailure,
     assert_close,
     assert_equal,
+    assert_gradients,
     call_student,
     forbid,
     on_each_device,
@@ -167,11 +168,8 @@ def check_lstm_cell(ns):
             loss = (h * upstream_h).sum() + (c * upstream_c).sum()
             call_student(loss.backward, what=f"{what}: backward()")
             names = ["x", "h_prev", "c_prev", "W_ih", "W_hh", "b_ih", "b_hh"]
-            for name, leaf, expected in zip(names, mine + weights, expected_grads, strict=True):
-                if leaf.grad is None:
-                    raise GradingFailure(f"{what}: (h, c) do not depend on {name}")
-                assert_close(leaf.grad, expected, atol=10 * tol, rtol=10 * tol,
-                             what=f"{what}: the gradient with respect to {name}")
+            assert_gradients(zip(names, mine + weights, expected_grads, strict=True), what=what,
+                             atol=10 * tol, rtol=10 * tol, of="(h, c)")
 
     with single_thread():
         on_each_device(check)
@@ -382,10 +380,8 @@ def check_masked_softmax(ns):
                          what=f"{what}: the weights (a softmax over the last axis, over the attended positions)")
             if got.requires_grad:
                 call_student((got * upstream).sum().backward, what=f"{what}: backward()")
-            if mine.grad is None:
-                raise GradingFailure(f"{what}: the weights must be differentiable with respect to the scores")
-            assert_close(mine.grad, theirs.grad, atol=10 * tol, rtol=10 * tol,
-                         what=f"{what}: the gradient with respect to the scores")
+            assert_gradients([("the scores", mine, theirs.grad)], what=what, atol=10 * tol, rtol=10 * tol,
+                             of="the weights")
 
     with single_thread():
         on_each_device(check)
@@ -431,11 +427,8 @@ def check_additive_attention(ns):
                          what=f"{what}: the context (the values weighted by the attention weights)")
             loss = (context * up_context).sum() + (weights * up_weights).sum()
             call_student(loss.backward, what=f"{what}: backward()")
-            for name, leaf, other in zip(names, mine, theirs, strict=True):
-                if leaf.grad is None:
-                    raise GradingFailure(f"{what}: (context, weights) do not depend on {name}")
-                assert_close(leaf.grad, other.grad, atol=10 * tol, rtol=10 * tol,
-                             what=f"{what}: the gradient with respect to {name}")
+            assert_gradients([(name, leaf, other.grad) for name, leaf, other in zip(names, mine, theirs, strict=True)],
+                             what=what, atol=10 * tol, rtol=10 * tol, of="(context, weights)")
 
     with swapped(ns, masked_softmax=ref.masked_softmax), single_thread():
         on_each_device(check)
