@@ -63,11 +63,13 @@ def _is_tensor_like(x) -> bool:
 
 
 def assert_close(actual, expected, *, atol: float = 1e-6, rtol: float = 1e-5, what: str = "",
-                 inputs=None, check_dtype: bool = False) -> None:
+                 inputs=None, check_dtype: bool = False, equal_nan: bool = False) -> None:
     """Assert ``actual`` is within ``atol + rtol * |expected|`` of ``expected``, elementwise.
 
     Works for numbers, tensors and arrays of any shape (shapes must match), and for sequences or
-    mappings of those. ``inf`` must match ``inf`` of the same sign; NaN never matches.
+    mappings of those. ``inf`` must match ``inf`` of the same sign; NaN never matches, unless
+    ``equal_nan`` (for tensors: a composite compared with a formula built from the student's own
+    parts, which may produce NaN consistently).
     """
     where = _where(what, inputs)
     if isinstance(expected, Mapping):
@@ -76,10 +78,10 @@ def assert_close(actual, expected, *, atol: float = 1e-6, rtol: float = 1e-5, wh
         _same_keys(actual, expected, where)
         for key in expected:
             assert_close(actual[key], expected[key], atol=atol, rtol=rtol,
-                         what=f"{what}[{key!r}]", inputs=inputs, check_dtype=check_dtype)
+                         what=f"{what}[{key!r}]", inputs=inputs, check_dtype=check_dtype, equal_nan=equal_nan)
         return
     if _is_tensor_like(expected) or _is_tensor_like(actual):
-        _assert_close_arrays(actual, expected, atol, rtol, where, check_dtype)
+        _assert_close_arrays(actual, expected, atol, rtol, where, check_dtype, equal_nan)
         return
     if isinstance(expected, Sequence) and not isinstance(expected, str):
         if not isinstance(actual, Sequence) or isinstance(actual, str):
@@ -88,7 +90,7 @@ def assert_close(actual, expected, *, atol: float = 1e-6, rtol: float = 1e-5, wh
             raise GradingFailure(f"{where}: expected length {len(expected)}, got {len(actual)}")
         for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
             assert_close(a, e, atol=atol, rtol=rtol, what=f"{what}[{i}]", inputs=inputs,
-                         check_dtype=check_dtype)
+                         check_dtype=check_dtype, equal_nan=equal_nan)
         return
     try:
         a, e = float(actual), float(expected)
@@ -104,7 +106,7 @@ def assert_close(actual, expected, *, atol: float = 1e-6, rtol: float = 1e-5, wh
                              f"allowed {atol + rtol * abs(e):.3g})")
 
 
-def _assert_close_arrays(actual, expected, atol, rtol, where, check_dtype):
+def _assert_close_arrays(actual, expected, atol, rtol, where, check_dtype, equal_nan=False):
     import torch
 
     if not _is_tensor_like(actual):
@@ -125,7 +127,7 @@ def _assert_close_arrays(actual, expected, atol, rtol, where, check_dtype):
     e64 = e.cpu().to(torch.float64) if not e.is_complex() else e.cpu()
     if a64.numel() == 0:
         return
-    ok = torch.isclose(a64, e64, atol=atol, rtol=rtol, equal_nan=False)
+    ok = torch.isclose(a64, e64, atol=atol, rtol=rtol, equal_nan=equal_nan)
     if bool(ok.all()):
         return
     diff = (a64 - e64).abs()

@@ -243,3 +243,14 @@ def test_assert_gradients_names_the_input_without_a_gradient_or_with_a_wrong_one
                                  atol=1e-6, rtol=1e-6, of="the loss")
     with pytest.raises(GradingFailure, match="f: the gradient with respect to x"):
         grading.assert_gradients([("x", x, torch.ones(2))], what="f", atol=1e-6, rtol=1e-6)
+
+
+def test_assert_close_equal_nan_only_when_asked():
+    import torch
+
+    a = torch.tensor([1.0, float("nan")])
+    with pytest.raises(GradingFailure, match="differ"):
+        assert_close(a, a.clone())
+    assert_close(a, a.clone(), equal_nan=True)
+    with pytest.raises(GradingFailure, match="differ"):
+        assert_close(a, torch.tensor([1.0, 2.0]), equal_nan=True)

@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 def small_hf(seed: int = 0, **overrides):
     """A small random GPT2LMHeadModel, built offline from a GPT2Config (no download)."""
     cfg = dict(vocab_size=61, n_positions=16, n_embd=32, n_layer=2, n_head=4,
-               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()

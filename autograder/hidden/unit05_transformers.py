@@ -477,7 +477,7 @@ def hf_model(V, n_pos, C, L, h, seed, dtype=F32):
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=V, n_positions=n_pos, n_embd=C, n_layer=L, n_head=h, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0)
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

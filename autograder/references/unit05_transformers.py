@@ -61,10 +61,9 @@ class MultiHeadAttention(nn.Module):
         B, T, C = x.shape
         h = self.n_heads
 
-        def heads(t):  # (B, T, C) -> (B, h, T, d)
-            return t.view(B, T, h, C // h).transpose(1, 2)
-
-        y = scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), mask)
+        # (B, T, C) -> (B, T, h, d) -> (B, h, T, d): split the channels, then move the heads before time
+        q, k, v = (proj(x).view(B, T, h, C // h).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = scaled_dot_product_attention(q, k, v, mask)  # (B, h, T, d)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # heads side by side again
 
 
