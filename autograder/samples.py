@@ -48,6 +48,14 @@ MISTAKES: dict[str, list[tuple[str, str, str]]] = {
         # greedy decoding stops as soon as one row has produced EOS, not every row
         ("Seq2Seq", "if bool(finished.all()):", "if bool(finished.any()):"),
     ],
+    "05_transformers": [
+        # attention scores without the 1/sqrt(d_k) scaling
+        ("scaled_dot_product_attention", "scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))",
+         "scores = q @ k.transpose(-2, -1)"),
+        # LayerNorm with the unbiased variance (divided by d - 1), unlike nn.LayerNorm
+        ("LayerNorm", "var = x.var(dim=-1, keepdim=True, unbiased=False)",
+         "var = x.var(dim=-1, keepdim=True, unbiased=True)"),
+    ],
 }
 # What carol's mistakes cost, in autograded points: each mistake fails its own test cells only.
 CAROL_LOSES: dict[str, float] = {
@@ -55,6 +63,7 @@ CAROL_LOSES: dict[str, float] = {
     "02_tokenization": 6 + 8,  # test_bpe_tie_breaking (6), test_sgns_loss (8)
     "03_rnns": 12 + 10,  # test_rnnlm_forward (12), test_clip_grad_norm (10)
     "04_lstm_seq2seq": 12 + 12,  # test_lstm_cell (12), test_greedy_decode (12)
+    "05_transformers": 15 + 10,  # test_scaled_dot_product_attention (15), test_layer_norm (10)
 }
 # Written answers carol leaves blank (the rest she answers with the key's text).
 CAROL_SKIPS_WRITTEN = 1
