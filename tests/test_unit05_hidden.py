@@ -223,7 +223,7 @@ def make_sdpa(mode):
         if mode != "no_scale":
             scores = scores / math.sqrt(q.size(-1))
         if is_causal and mode != "ignores_is_causal":
-            causal = ref.causal_mask(q.size(-2), device=q.device)
+            causal = ref.causal_mask(q.size(-2), device=None if mode == "causal_mask_on_cpu" else q.device)
             mask = causal if mask is None else mask & causal
         if mask is not None:
             drop = mask if mode == "mask_inverted" else ~mask
@@ -309,7 +309,7 @@ def make_block(mode):
     class Mutant(ref.TransformerBlock):
         def forward(self, x):
             T = x.size(1)
-            mask = None if mode == "not_causal" else ref.causal_mask(T, device=x.device)
+            mask = None if mode == "not_causal" else ref.causal_mask(T, device=None if mode == "mask_on_cpu" else x.device)
             approx = "none" if mode == "exact_gelu" else "tanh"
             if mode == "post_ln":
                 x = self.ln_1(x + self.attn(x, mask))
@@ -376,7 +376,7 @@ FWD, HF = C + "gpt_forward", C + "gpt_from_hf"
 MUTANTS = {
     **{f"sdpa_{m}": ({"scaled_dot_product_attention": make_sdpa(m)}, {SDPA}) for m in (
         "no_scale", "softmax_over_queries", "mask_inverted", "nan_when_fully_masked", "large_negative",
-        "ignores_is_causal", "via_torch")},
+        "ignores_is_causal", "via_torch", "causal_mask_on_cpu")},
     **{f"causal_mask_{m}": ({"causal_mask": make_causal_mask(m)}, {MASK}) for m in (
         "strict", "wide", "inverted", "upper")},
     **{f"mha_{m}": ({"MultiHeadAttention": make_mha(m)}, {MHA}) for m in (
@@ -386,7 +386,7 @@ MUTANTS = {
     **{f"layer_norm_{m}": ({"LayerNorm": make_layer_norm(m)}, {LN}) for m in (
         "unbiased", "eps_outside_sqrt", "no_affine", "via_torch")},
     **{f"block_{m}": ({"TransformerBlock": make_block(m)}, {BLOCK}) for m in (
-        "post_ln", "exact_gelu", "not_causal", "relu", "no_residual")},
+        "post_ln", "exact_gelu", "not_causal", "relu", "no_residual", "mask_on_cpu")},
     "gpt_untied_head": ({"GPT": make_gpt("untied_head")}, {FWD}),
     "gpt_no_positions": ({"GPT": make_gpt("no_positions")}, {FWD, HF}),
     "gpt_no_ln_f": ({"GPT": make_gpt("no_ln_f")}, {FWD, HF}),
@@ -410,5 +410,5 @@ def _cell_runner(u, check, visible, ns, mutant):
     u.run_check(check, ns)
 
 
-globals().update(common_tests(U, lazy_ns=lazy_ns, mutants=MUTANTS, cascades=CASCADES, hidden_seconds=30.0,
+globals().update(common_tests(U, lazy_ns=lazy_ns, mutants=MUTANTS, cascades=CASCADES,
                               cell_runner=_cell_runner))

@@ -71,6 +71,30 @@ def _no_shortcut_modules():
     return forbid(*FORBIDDEN_CLASSES, reason=NO_SHORTCUTS)
 
 
+_DEVICE_ERRORS = ("same device", "expected device", "two devices", "different device", "copy out of meta")
+
+
+def _meta_device_check(call, what: str) -> None:
+    """A meta tensor stands in for a GPU on machines without one: code that creates a tensor on the
+    CPU inside the function (a causal mask without ``device=``) fails with a device mismatch or
+    returns a CPU tensor. Inconclusive (it passes) when the code needs real data."""
+    try:
+        with _no_shortcuts():
+            out = call()
+    except Exception as err:
+        text = str(err).lower()
+        if any(e in text for e in _DEVICE_ERRORS):
+            raise GradingFailure(f"{what}: your code raised {type(err).__name__}: {err} (create every new "
+                                 f"tensor on the device of the input, e.g. torch.ones(..., device=q.device))") from err
+        if isinstance(err, NotImplementedError) and "meta" not in text:
+            raise  # an unfinished stub
+        return
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    if isinstance(first, torch.Tensor) and first.device.type != "meta":
+        raise GradingFailure(f"{what}: for an input on another device (here 'meta') you returned a tensor on "
+                             f"{first.device}: create new tensors on the input's device (device=x.device)")
+
+
 def _tol(dtype) -> float:
     return 1e-5 if dtype == F32 else 1e-10
 
@@ -185,6 +209,12 @@ def check_scaled_dot_product_attention(ns):
 
     with swapped(ns, causal_mask=ref.causal_mask), single_thread():
         on_each_device(check)
+        q = torch.empty(2, 3, 5, 4, device="meta")
+        mask = torch.ones(1, 1, 5, 5, dtype=torch.bool, device="meta")
+        for kwargs in ({"is_causal": True}, {"mask": mask, "is_causal": True}):
+            _meta_device_check(lambda kwargs=kwargs: fn(q, q, q, **kwargs),
+                               f"scaled_dot_product_attention on meta tensors (standing in for a GPU), "
+                               f"{', '.join(f'{k}=...' if k == 'mask' else f'{k}={v}' for k, v in kwargs.items())}")
 
 
 # --- part 2: MultiHeadAttention -----------------------------------------------------------------
@@ -403,6 +433,9 @@ def check_transformer_block(ns):
 
     with swapped(ns, **_parts()), single_thread():
         on_each_device(check)
+        model = _module(cls, 8, 2, what="TransformerBlock(8, 2)").to("meta")
+        _meta_device_check(lambda: model(torch.empty(2, 5, 8, device="meta")),
+                           "TransformerBlock(8, 2) on meta tensors (standing in for a GPU)")
 
 
 GPT_CASES = [  # (B, T, V, block_size, n_layer, n_head, n_embd, dtype)
