@@ -8,6 +8,8 @@
   name bound before the guard, a thin wrapper or a low-level twin is caught too.
 - ``hidden_tests``: load a unit's hidden tests (they live with the autograder, not in the
   student's package) and run them so that a failure never shows their source.
+- ``reference``: a unit's reference module, exported from its solution notebook, for lectures and
+  the graders of later units. Like the hidden tests it lives in the course repository only.
 - ``student`` / ``swapped``: read a graded name from the notebook, and swap in the reference for a
   part graded elsewhere, so one mistake costs once.
 """
@@ -405,3 +407,20 @@ def hidden_tests(unit: str) -> HiddenTests:
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     return HiddenTests(importlib.import_module(f"autograder.hidden.unit{unit}"))
+
+
+def reference(unit: str):
+    """The reference module of ``unit`` (e.g. ``"05_transformers"``): the solution notebook's graded
+    code, exported to ``autograder/references/`` by ``make references`` (a test fails when stale).
+
+    It is never part of the installed package, so a student of that unit can't import it (COURSE.md,
+    "No leaks"); lectures and the graders of later units load it from the course repository.
+    """
+    root = autograder_root()
+    if root is None:
+        raise ModuleNotFoundError(
+            f"The reference of unit {unit} ships with the course repository (autograder/references), not "
+            "with the llmcourse package: run this from a clone of the course, or set LLMCOURSE_AUTOGRADER_ROOT.")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(f"autograder.references.unit{unit}")

@@ -10,6 +10,7 @@ receive ``globals()`` from the grading kernel.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,6 @@ from unit_harness import C, UnitUnderTest, common_tests
 
 from autograder.hidden import unit05_transformers as hidden
 from autograder.references import unit05_transformers as ref
-from llmcourse import models
 
 pytest.importorskip("transformers")
 
@@ -49,6 +49,9 @@ def part_of(check: str) -> str:
 
 
 U = UnitUnderTest(UNIT, hidden, graded_names=GRADED_NAMES, part_names=PART_NAMES, part_of=part_of)
+# The mutants build on a fresh copy of the reference, as a student's notebook would define its own
+# classes: the reference module's own objects are forbidden while the checks run.
+fresh = SimpleNamespace(**U.reference_ns())
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,34 +103,6 @@ def test_reference_mha_loads_nn_multihead_attention():
         torch.testing.assert_close(mine(x), torch_mha(x, x, x)[0], atol=1e-6, rtol=1e-5)
 
 
-def test_reference_layer_norm_and_block_match_the_package_gpt():
-    """The notebook's block and GPT are llmcourse.models' (the one later units use), renamed."""
-    torch.manual_seed(0)
-    theirs = models.GPT(vocab_size=13, block_size=9, n_layer=2, n_head=2, n_embd=8).eval()
-    mine = ref.GPT(13, 9, 2, 2, 8).eval()
-    sd = theirs.state_dict()
-    with torch.no_grad():
-        mine.wte.weight.copy_(sd["transformer.wte.weight"])
-        mine.wpe.weight.copy_(sd["transformer.wpe.weight"])
-        mine.ln_f.weight.copy_(sd["transformer.ln_f.weight"])
-        mine.ln_f.bias.copy_(sd["transformer.ln_f.bias"])
-        for i, block in enumerate(mine.blocks):
-            p = f"transformer.h.{i}."
-            for ln in ("ln_1", "ln_2"):
-                getattr(block, ln).weight.copy_(sd[p + ln + ".weight"])
-                getattr(block, ln).bias.copy_(sd[p + ln + ".bias"])
-            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                getattr(block.attn, name).weight.copy_(sd[p + "attn.c_attn.weight"][j * 8:(j + 1) * 8])
-                getattr(block.attn, name).bias.copy_(sd[p + "attn.c_attn.bias"][j * 8:(j + 1) * 8])
-            block.attn.out_proj.load_state_dict({k: sd[p + "attn.c_proj." + k] for k in ("weight", "bias")})
-            block.mlp_fc.load_state_dict({k: sd[p + "mlp.c_fc." + k] for k in ("weight", "bias")})
-            block.mlp_proj.load_state_dict({k: sd[p + "mlp.c_proj." + k] for k in ("weight", "bias")})
-    idx = torch.randint(0, 13, (2, 9))
-    with torch.no_grad():
-        torch.testing.assert_close(mine(idx)[0], theirs(idx)[0], atol=1e-6, rtol=1e-5)
-    assert mine.lm_head.weight is mine.wte.weight
-
-
 @pytest.mark.parametrize("case", range(len(hidden.HF_CASES)))
 def test_reference_from_hf_matches_hugging_face(case):
     V, n_pos, Cn, L, h, B, T, dtype = hidden.HF_CASES[case]
@@ -135,7 +110,7 @@ def test_reference_from_hf_matches_hugging_face(case):
     idx = torch.randint(0, V, (B, T))
     with torch.no_grad():
         expected = hf(idx).logits
-        for model in (ref.GPT.from_hf(hf), models.GPT.from_hf(hf)):
+        for model in (ref.GPT.from_hf(hf),):
             torch.testing.assert_close(model(idx)[0], expected, atol=1e-5 if dtype == torch.float32 else 1e-10,
                                        rtol=0)
 
@@ -174,22 +149,22 @@ def test_release_stubs_parse_and_raise():
 
 # --- lazy stubs ---------------------------------------------------------------------------------
 
-class LazyMHA(ref.MultiHeadAttention):
+class LazyMHA(fresh.MultiHeadAttention):
     def forward(self, x, mask=None):
         return x
 
 
-class LazyLayerNorm(ref.LayerNorm):
+class LazyLayerNorm(fresh.LayerNorm):
     def forward(self, x):
         return x
 
 
-class LazyBlock(ref.TransformerBlock):
+class LazyBlock(fresh.TransformerBlock):
     def forward(self, x):
         return x
 
 
-class LazyGPT(ref.GPT):
+class LazyGPT(fresh.GPT):
     def forward(self, idx, targets=None):
         V = self.wte.weight.shape[0]
         logits = self.lm_head.weight.new_zeros(*idx.shape, V) + 0 * self.lm_head.weight.sum()
@@ -223,7 +198,7 @@ def make_sdpa(mode):
         if mode != "no_scale":
             scores = scores / math.sqrt(q.size(-1))
         if is_causal and mode != "ignores_is_causal":
-            causal = ref.causal_mask(q.size(-2), device=None if mode == "causal_mask_on_cpu" else q.device)
+            causal = fresh.causal_mask(q.size(-2), device=None if mode == "causal_mask_on_cpu" else q.device)
             mask = causal if mask is None else mask & causal
         if mask is not None:
             drop = mask if mode == "mask_inverted" else ~mask
@@ -250,7 +225,7 @@ def make_causal_mask(mode):
 
 
 def make_mha(mode):
-    class Mutant(ref.MultiHeadAttention):
+    class Mutant(fresh.MultiHeadAttention):
         def __init__(self, d_model, n_heads, bias=True):
             super().__init__(d_model, n_heads, bias)
             if mode == "via_torch":
@@ -265,7 +240,7 @@ def make_mha(mode):
                 q, k, v = (p(x).reshape(B, h, T, Cn // h) for p in (self.q_proj, self.k_proj, self.v_proj))
             else:
                 q, k, v = (p(x).view(B, T, h, Cn // h).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-            y = ref.scaled_dot_product_attention(q, k, v, None if mode == "ignores_mask" else mask)
+            y = fresh.scaled_dot_product_attention(q, k, v, None if mode == "ignores_mask" else mask)
             y = y.reshape(B, T, Cn) if mode == "merge_without_transpose" else y.transpose(1, 2).reshape(B, T, Cn)
             return y if mode == "no_out_proj" else self.out_proj(y)
 
@@ -289,7 +264,7 @@ def make_sinusoids(mode):
 
 
 def make_layer_norm(mode):
-    class Mutant(ref.LayerNorm):
+    class Mutant(fresh.LayerNorm):
         def forward(self, x):
             if mode == "via_torch":
                 return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
@@ -306,10 +281,10 @@ def make_layer_norm(mode):
 
 
 def make_block(mode):
-    class Mutant(ref.TransformerBlock):
+    class Mutant(fresh.TransformerBlock):
         def forward(self, x):
             T = x.size(1)
-            mask = None if mode == "not_causal" else ref.causal_mask(T, device=None if mode == "mask_on_cpu" else x.device)
+            mask = None if mode == "not_causal" else fresh.causal_mask(T, device=None if mode == "mask_on_cpu" else x.device)
             approx = "none" if mode == "exact_gelu" else "tanh"
             if mode == "post_ln":
                 x = self.ln_1(x + self.attn(x, mask))
@@ -324,16 +299,15 @@ def make_block(mode):
 
 
 def make_gpt(mode):
-    class Mutant(ref.GPT):
+    class Mutant(fresh.GPT):
         def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, dropout=0.0):
             super().__init__(vocab_size, block_size, n_layer, n_head, n_embd, dropout)
             if mode == "untied_head":
                 self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
                 with torch.no_grad():
                     self.lm_head.weight.copy_(self.wte.weight)
-            if mode == "package_gpt":
-                self.inner = models.GPT(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer,
-                                        n_head=n_head, n_embd=n_embd)
+            if mode == "wraps_the_reference":  # reachable only inside the grader: the guard catches it
+                self.inner = ref.GPT(vocab_size, block_size, n_layer, n_head, n_embd)
 
         def forward(self, idx, targets=None):
             B, T = idx.shape
@@ -390,7 +364,13 @@ MUTANTS = {
     "gpt_untied_head": ({"GPT": make_gpt("untied_head")}, {FWD}),
     "gpt_no_positions": ({"GPT": make_gpt("no_positions")}, {FWD, HF}),
     "gpt_no_ln_f": ({"GPT": make_gpt("no_ln_f")}, {FWD, HF}),
-    "gpt_package_gpt": ({"GPT": make_gpt("package_gpt")}, {FWD, HF}),
+    "gpt_wraps_the_reference": ({"GPT": make_gpt("wraps_the_reference")}, {FWD, HF}),
+    # the unit's own reference, imported from autograder/references inside the grader
+    "sdpa_is_the_reference": ({"scaled_dot_product_attention": ref.scaled_dot_product_attention}, {SDPA}),
+    "mha_is_the_reference": ({"MultiHeadAttention": ref.MultiHeadAttention}, {MHA}),
+    "layer_norm_is_the_reference": ({"LayerNorm": ref.LayerNorm}, {LN}),
+    "block_is_the_reference": ({"TransformerBlock": ref.TransformerBlock}, {BLOCK}),
+    "gpt_is_the_reference": ({"GPT": ref.GPT}, {FWD, HF}),
     "gpt_from_hf_out_proj_not_transposed": ({"GPT": make_gpt("from_hf_out_proj_not_transposed")}, {HF}),
     "gpt_from_hf_qkv_split_wrong": ({"GPT": make_gpt("from_hf_qkv_split_wrong")}, {HF}),
 }

@@ -21,8 +21,9 @@ head shows in the gradient of ``wte.weight``); ``GPT.from_hf`` compares logits w
 
 Forbidden while the student's code runs: ``F.scaled_dot_product_attention`` and its aten twins,
 ``nn.MultiheadAttention`` / ``F.multi_head_attention_forward``, ``nn.LayerNorm`` /
-``F.layer_norm``, the library transformer layers, and the course package's own GPT
-(``llmcourse.models``).
+``F.layer_norm``, the library transformer layers, and this unit's own reference: its ``GPT`` in every
+check, and in each check the reference of the name it grades (a student could reach
+``autograder/references`` only inside the grader, where the guard catches it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autograder.references import unit05_transformers as ref
-from llmcourse import models
 from llmcourse.grading import (
     GradingFailure,
     assert_close,
@@ -48,11 +48,11 @@ from llmcourse.runtime import single_thread
 F32, F64 = torch.float32, torch.float64
 
 NO_SHORTCUTS = ("Write it from tensor operations (matmul, softmax, mean, var): F.scaled_dot_product_attention, "
-                "nn.MultiheadAttention, nn.LayerNorm, the library transformer layers and llmcourse.models "
+                "nn.MultiheadAttention, nn.LayerNorm, the library transformer layers and the course's reference "
                 "are not allowed here.")
 FORBIDDEN_CLASSES = (nn.MultiheadAttention, nn.LayerNorm, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
                      nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer,
-                     models.GPT, models.Block, models.CausalSelfAttention, models.MLP)
+                     ref.GPT)  # the reference parts are swapped in elsewhere: each check forbids its own
 FORBIDDEN_OPS = (F.scaled_dot_product_attention, "scaled_dot_product_attention", "_scaled_dot_product_attention_math",
                  "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
@@ -61,14 +61,15 @@ FORBIDDEN_OPS = (F.scaled_dot_product_attention, "scaled_dot_product_attention",
                  F.layer_norm, "layer_norm", "native_layer_norm", "_transformer_encoder_layer_fwd")
 
 
-def _no_shortcuts():
-    return forbid(*FORBIDDEN_CLASSES, *FORBIDDEN_OPS, reason=NO_SHORTCUTS)
+def _no_shortcuts(*own):
+    """The guard while a student's code runs; ``own``: the reference of the name being graded."""
+    return forbid(*FORBIDDEN_CLASSES, *own, *FORBIDDEN_OPS, reason=NO_SHORTCUTS)
 
 
-def _no_shortcut_modules():
+def _no_shortcut_modules(*own):
     """For building a student's module: the classes only, no torch-function mode (creating an
     nn.Parameter under one imports torch._dynamo, seconds the first time)."""
-    return forbid(*FORBIDDEN_CLASSES, reason=NO_SHORTCUTS)
+    return forbid(*FORBIDDEN_CLASSES, *own, reason=NO_SHORTCUTS)
 
 
 _DEVICE_ERRORS = ("same device", "expected device", "two devices", "different device", "copy out of meta")
@@ -116,8 +117,8 @@ def _mask(g, shape, p_keep=0.6, full_rows=0, ensure_one=False):
     return mask
 
 
-def _module(cls, *args, what):
-    with _no_shortcut_modules():
+def _module(cls, *args, what, own=()):
+    with _no_shortcut_modules(*own):
         model = call_student(cls, *args, what=what)
     if not isinstance(model, nn.Module):
         raise GradingFailure(f"{what}: must be an nn.Module")
@@ -192,7 +193,7 @@ def check_scaled_dot_product_attention(ns):
                     f"{'None' if ms is None else ms}{f' with {full} fully masked row(s)' if full else ''}, "
                     f"is_causal={causal}), {dtype}, on {device}")
             leaves = [t.to(device).requires_grad_(True) for t in (q, k, v)]
-            with _no_shortcuts():
+            with _no_shortcuts(ref.scaled_dot_product_attention):
                 out = call_student(fn, *leaves, None if mask is None else mask.to(device), is_causal=causal, what=what)
             tol = _tol(dtype)
             hint = ("" if not full else " (a query whose mask is all False gets zeros, as in PyTorch)")
@@ -255,7 +256,7 @@ def check_multi_head_attention(ns):
             with torch.no_grad():
                 for p in torch_mha.parameters():
                     p.normal_(0, 0.5)
-            model = _module(cls, C, h, bias, what=what).to(dtype)
+            model = _module(cls, C, h, bias, what=what, own=(ref.MultiHeadAttention,)).to(dtype)
             assert_equal(_param_shapes(model), _mha_expected_names(C, bias), what=f"{what}: the parameters")
             _load_torch_mha(model, torch_mha)
             model.to(device)
@@ -276,7 +277,7 @@ def check_multi_head_attention(ns):
             expected = torch_mha(x_ref, x_ref, x_ref, attn_mask=torch_mask, need_weights=False)[0]
             (expected * upstream).sum().backward()
             x_mine = x.to(device).requires_grad_(True)
-            with _no_shortcuts():
+            with _no_shortcuts(ref.MultiHeadAttention):
                 out = call_student(model, x_mine, None if mask is None else mask.to(device), what=what)
             tol = _tol(dtype)
             assert_close(out, expected.detach().to(device), atol=10 * tol, rtol=10 * tol,
@@ -329,7 +330,7 @@ def check_layer_norm(ns):
         for seed, (shape, eps, dtype, scale, shift) in enumerate(LN_CASES):
             d = shape[-1]
             what = f"LayerNorm({d}, eps={eps}) with nn.LayerNorm's weights, x {shape}, {dtype}, on {device}"
-            model = _module(cls, d, eps, what=what).to(dtype)
+            model = _module(cls, d, eps, what=what, own=(ref.LayerNorm,)).to(dtype)
             assert_equal(_param_shapes(model), {"weight": (d,), "bias": (d,)}, what=f"{what}: the parameters")
             assert_close(model.weight, torch.ones(d, dtype=dtype), what=f"LayerNorm({d}).weight at initialization")
             assert_close(model.bias, torch.zeros(d, dtype=dtype), what=f"LayerNorm({d}).bias at initialization")
@@ -346,7 +347,7 @@ def check_layer_norm(ns):
             expected = torch_ln(x_ref)
             (expected * upstream).sum().backward()
             x_mine = x.to(device).requires_grad_(True)
-            with _no_shortcuts():
+            with _no_shortcuts(ref.LayerNorm):
                 out = call_student(model, x_mine, what=what)
             tol = _tol(dtype)
             assert_close(out, expected.detach().to(device), atol=10 * tol, rtol=10 * tol,
@@ -405,7 +406,7 @@ def check_transformer_block(ns):
         for seed, (B, T, C, h, dtype) in enumerate(BLOCK_CASES):
             what = f"TransformerBlock({C}, {h}) with random weights, x ({B}, {T}, {C}), {dtype}, on {device}"
             reference = _randomize(ref.TransformerBlock(C, h).to(dtype), seed)
-            model = _module(cls, C, h, what=what).to(dtype)
+            model = _module(cls, C, h, what=what, own=(ref.TransformerBlock,)).to(dtype)
             assert_equal(_param_shapes(model), _param_shapes(reference), what=f"{what}: the parameters")
             model.load_state_dict(reference.state_dict())
             model.to(device).eval()
@@ -416,7 +417,7 @@ def check_transformer_block(ns):
             expected = _torch_block(sd, x_ref, h)
             (expected * upstream).sum().backward()
             x_mine = x.to(device).requires_grad_(True)
-            with _no_shortcuts():
+            with _no_shortcuts(ref.TransformerBlock):
                 out = call_student(model, x_mine, what=what)
             tol = _tol(dtype)
             assert_close(out, expected.detach().to(device), atol=100 * tol, rtol=100 * tol,

@@ -119,6 +119,7 @@ class TransformerBlock(nn.Module):
 class GPT(nn.Module):
     """GPT-2: wte (V, C) + learned wpe (block_size, C), n_layer TransformerBlocks in ``blocks``, ln_f,
     and lm_head = nn.Linear(C, V, bias=False) tied to wte (lm_head.weight is wte.weight).
+    (The reference also initializes the weights as GPT-2 did; that part is not graded.)
 
     forward(idx (B, T) int64, targets (B, T) or None) -> (logits (B, T, V), loss or None).
     GPT.from_hf(hf_model): a GPT holding a Hugging Face GPT2LMHeadModel's weights.
@@ -135,6 +136,15 @@ class GPT(nn.Module):
         self.ln_f = LayerNorm(n_embd)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
+        # GPT-2's initialization (not graded: the tests load weights; training needs it, unit 06):
+        # N(0, 0.02), and the two projections into the residual stream scaled by 1/sqrt(2 n_layer) so
+        # that the stream's variance does not grow with depth. Biases 0, LayerNorms (1, 0).
+        for name, p in self.named_parameters():  # wte once: it is also the head
+            if p.dim() == 2:
+                residual = name.endswith(("attn.out_proj.weight", "mlp_proj.weight"))
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer) if residual else 0.02)
+            elif name.endswith("bias") and ".ln_" not in name and not name.startswith("ln_f"):
+                nn.init.zeros_(p)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         B, T = idx.shape
