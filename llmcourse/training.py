@@ -62,7 +62,7 @@ class History:
                 for i in range(0, len(self.train), window)]
 
 
-def train(model: torch.nn.Module, batch_loss: Callable[[int], torch.Tensor], steps: int,
+def fit(model: torch.nn.Module, batch_loss: Callable[[int], torch.Tensor], steps: int,
           optimizer: torch.optim.Optimizer, *, clip: Callable | None = None, max_norm: float = 1.0,
           evaluate: Callable[[], dict[str, float]] | None = None, eval_every: int = 0,
           on_eval: Callable[[int], None] | None = None, desc: str = "training",
@@ -124,7 +124,7 @@ def mean_loss(loss_of_batch: Callable[[torch.Tensor], tuple[torch.Tensor, int]],
     return total / max(count, 1)
 
 
-def pad_batch(sequences: list[list[int]], pad: int = 0, side: str = "right") -> torch.Tensor:
+def pad_sequences(sequences: list[list[int]], pad: int = 0, side: str = "right") -> torch.Tensor:
     """Pad id lists to the longest one: (B, max length) int64.
 
     ``side="left"`` puts the padding first, so that every sequence ends at the last position (an

@@ -20,11 +20,11 @@ from llmcourse.data import (
 from llmcourse.training import (
     History,
     context_windows,
+    fit,
     mean_loss,
-    pad_batch,
+    pad_sequences,
     random_chunks,
     random_rows,
-    train,
 )
 
 
@@ -77,7 +77,7 @@ def test_train_fits_evaluates_and_clips():
         clips.append(max_norm)
         torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
-    history = train(model, lambda step: ((model(x).squeeze(-1) - y) ** 2).mean(), 200,
+    history = fit(model, lambda step: ((model(x).squeeze(-1) - y) ** 2).mean(), 200,
                     torch.optim.SGD(model.parameters(), lr=0.1), clip=clip, max_norm=5.0,
                     evaluate=lambda: {"mse": ((model(x).squeeze(-1) - y) ** 2).mean()}, eval_every=50,
                     on_eval=evals.append, progress=False)
@@ -90,7 +90,7 @@ def test_train_fits_evaluates_and_clips():
 
 def test_train_stops_when_the_loss_is_not_finite(capsys):
     model = torch.nn.Linear(1, 1)
-    history = train(model, lambda step: model.weight.sum() * (math.inf if step == 3 else 1.0), 10,
+    history = fit(model, lambda step: model.weight.sum() * (math.inf if step == 3 else 1.0), 10,
                     torch.optim.SGD(model.parameters(), lr=0.0), progress=False)
     assert len(history.train) == 3 and "stopping" in capsys.readouterr().out
 
@@ -121,6 +121,6 @@ def test_date_pairs_are_deterministic_and_correct():
 def test_seq2seq_vocab_and_padding():
     stoi, itos = seq2seq_vocab(["ba", "2019"])
     assert itos[:3] == [PAD, BOS, EOS] and itos[3:] == ["0", "1", "2", "9", "a", "b"]
-    assert pad_batch([[5, 6, 7], [8]], pad=0).tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert pad_batch([[5, 6, 7], [8], []], pad=1, side="left").tolist() == [[5, 6, 7], [1, 1, 8], [1, 1, 1]]
-    assert pad_batch([[]]).shape == (1, 0) and pad_batch([]).shape == (0, 0)
+    assert pad_sequences([[5, 6, 7], [8]], pad=0).tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert pad_sequences([[5, 6, 7], [8], []], pad=1, side="left").tolist() == [[5, 6, 7], [1, 1, 8], [1, 1, 1]]
+    assert pad_sequences([[]]).shape == (1, 0) and pad_sequences([]).shape == (0, 0)

@@ -53,7 +53,7 @@ from llmcourse.grading import (
     swapped,
 )
 from llmcourse.runtime import single_thread
-from llmcourse.training import pad_batch
+from llmcourse.training import pad_sequences
 
 PAD_ID, BOS_ID, EOS_ID = ref.PAD_ID, ref.BOS_ID, ref.EOS_ID
 
@@ -470,12 +470,12 @@ def _student_seq2seq(cls, reference, args, what):
 
 def _random_batch(g, Vs, Vt, src_lengths, T):
     """src (B, S) right-padded with PAD; tgt (B, T): BOS, characters, EOS, PAD (the rows of different lengths)."""
-    src = pad_batch([torch.randint(3, Vs, (n,), generator=g).tolist() for n in src_lengths], pad=PAD_ID)
+    src = pad_sequences([torch.randint(3, Vs, (n,), generator=g).tolist() for n in src_lengths], pad=PAD_ID)
     rows = []
     for b in range(len(src_lengths)):
         n = T - 2 if b % 2 == 0 else int(torch.randint(0, T - 1, (1,), generator=g))
         rows.append([BOS_ID] + torch.randint(3, Vt, (n,), generator=g).tolist() + [EOS_ID])
-    tgt = pad_batch(rows, pad=PAD_ID)
+    tgt = pad_sequences(rows, pad=PAD_ID)
     if tgt.shape[1] < T:
         tgt = torch.cat([tgt, torch.full((len(rows), T - tgt.shape[1]), PAD_ID)], dim=1)
     return src, tgt
@@ -712,8 +712,8 @@ def training_data():
     tgt_stoi, _ = seq2seq_vocab(["0123456789-"])
 
     def encode(pairs):
-        src = pad_batch([[src_stoi[ch] for ch in s] for s, _ in pairs], pad=PAD_ID)
-        tgt = pad_batch([[BOS_ID] + [tgt_stoi[ch] for ch in t] + [EOS_ID] for _, t in pairs], pad=PAD_ID)
+        src = pad_sequences([[src_stoi[ch] for ch in s] for s, _ in pairs], pad=PAD_ID)
+        tgt = pad_sequences([[BOS_ID] + [tgt_stoi[ch] for ch in t] + [EOS_ID] for _, t in pairs], pad=PAD_ID)
         return src, tgt
 
     return len(src_stoi), len(tgt_stoi), encode(train_pairs), encode(test_pairs)
