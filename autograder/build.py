@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     elif args.step == "release":
         from .release import release_all
 
+        cmd_references()  # first: a unit's release ships copies of earlier units' references
         release_all()
-        cmd_references()
     elif args.step == "samples":
         from .samples import write_samples
 

@@ -4,6 +4,7 @@ exported from the solution notebooks (the one source of truth for every referenc
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,11 +87,41 @@ def reference_path(unit: str) -> Path:
     return REFERENCES / f"{reference_module_name(unit)}.py"
 
 
+_LOADS_REFERENCE = re.compile(r"""\breference\(\s*["'](\d\d_\w+)["']\s*\)""")
+
+
+def shipped_references(unit: str) -> list[str]:
+    """The earlier units whose reference ``unit`` uses: those its solution notebook loads with
+    ``reference("NN_name")``, and the ones those load in turn. Sorted."""
+    needed, todo = set(), [source(c) for c in load(solution_notebook(unit))["cells"] if c["cell_type"] == "code"]
+    while todo:
+        for earlier in _LOADS_REFERENCE.findall(todo.pop()):
+            if earlier not in needed:
+                needed.add(earlier)
+                todo.append(exported_reference(earlier))
+    return sorted(needed)
+
+
+def shipped_reference_path(unit: str, earlier: str) -> Path:
+    """Where ``make references`` puts the copy of ``earlier``'s reference that ``unit`` releases."""
+    return SOLUTIONS / unit / "references" / f"{reference_module_name(earlier)}.py"
+
+
 def write_references() -> list[Path]:
-    """Regenerate every unit's exported reference; returns the files written."""
+    """Regenerate every unit's exported reference, and the copies later units ship to students
+    (stale copies are removed); returns the files written."""
     written = []
     for unit in units():
         path = reference_path(unit)
         path.write_text(exported_reference(unit), encoding="utf-8")
         written.append(path)
+    for unit in units():
+        keep = {shipped_reference_path(unit, earlier) for earlier in shipped_references(unit)}
+        for stale in set((SOLUTIONS / unit / "references").glob("*.py")) - keep:
+            stale.unlink()
+        for path in sorted(keep):
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(reference_path(path.stem.removeprefix("unit")).read_text(encoding="utf-8"),
+                            encoding="utf-8")
+            written.append(path)
     return written

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 import sys
@@ -409,18 +410,34 @@ def hidden_tests(unit: str) -> HiddenTests:
     return HiddenTests(importlib.import_module(f"autograder.hidden.unit{unit}"))
 
 
+RELEASED_REFERENCES = "references"  # the folder, next to a later unit's notebook, of the copies it ships
+
+
 def reference(unit: str):
     """The reference module of ``unit`` (e.g. ``"05_transformers"``): the solution notebook's graded
     code, exported to ``autograder/references/`` by ``make references`` (a test fails when stale).
 
     It is never part of the installed package, so a student of that unit can't import it (COURSE.md,
-    "No leaks"); lectures and the graders of later units load it from the course repository.
+    "No leaks"). The course repository and the autograder load it from ``autograder/references``
+    (so a submitted copy is never trusted); a student of a later unit gets a generated copy in
+    ``references/`` next to that unit's notebook, and loads it from there.
     """
     root = autograder_root()
-    if root is None:
-        raise ModuleNotFoundError(
-            f"The reference of unit {unit} ships with the course repository (autograder/references), not "
-            "with the llmcourse package: run this from a clone of the course, or set LLMCOURSE_AUTOGRADER_ROOT.")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module(f"autograder.references.unit{unit}")
+    if root is not None and (root / "autograder" / "references" / f"unit{unit}.py").is_file():
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        return importlib.import_module(f"autograder.references.unit{unit}")
+    copy = Path.cwd() / RELEASED_REFERENCES / f"unit{unit}.py"
+    if copy.is_file():
+        name = f"llmcourse_reference_unit{unit}"
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, copy)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        return sys.modules[name]
+    raise ModuleNotFoundError(
+        f"The reference of unit {unit} is not here. It ships with the course repository "
+        f"(autograder/references) and, for students, with the later units that use it, in "
+        f"{RELEASED_REFERENCES}/ next to their notebook: run the notebook from its own folder (on Colab, "
+        f"upload {RELEASED_REFERENCES}/unit{unit}.py from the released assignment), or set LLMCOURSE_AUTOGRADER_ROOT.")

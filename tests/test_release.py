@@ -35,8 +35,11 @@ def test_release_is_byte_identical_to_generated(regenerated, unit):
     committed = notebooks.release_notebook(unit).read_bytes()
     fresh = (regenerated / unit / f"{unit}.ipynb").read_bytes()
     assert committed == fresh, f"assignments/{unit} is stale or hand-edited: run `make release`"
-    extra = {p.name for p in notebooks.release_notebook(unit).parent.iterdir()}
-    assert extra == {p.name for p in (regenerated / unit).iterdir()}
+    released = notebooks.release_notebook(unit).parent
+    files = {p.relative_to(released) for p in released.rglob("*") if p.is_file()}
+    assert files == {p.relative_to(regenerated / unit) for p in (regenerated / unit).rglob("*") if p.is_file()}
+    for path in files:
+        assert (released / path).read_bytes() == (regenerated / unit / path).read_bytes(), path
 
 
 @pytest.mark.parametrize("unit", UNITS)
@@ -60,6 +63,18 @@ def test_notebooks_are_stored_without_outputs(unit):
 def test_exported_reference_is_fresh(unit):
     assert notebooks.reference_path(unit).read_text() == notebooks.exported_reference(unit), \
         "the exported reference is stale: run `make references`"
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_shipped_references_are_fresh_copies(unit):
+    """A later unit ships the references it builds on (COURSE.md, "One source": generated copies)."""
+    folder = notebooks.SOLUTIONS / unit / "references"
+    shipped = {notebooks.shipped_reference_path(unit, earlier) for earlier in notebooks.shipped_references(unit)}
+    assert set(folder.glob("*.py")) == shipped, "run `make references`"
+    for path in shipped:
+        assert path.read_text() == notebooks.reference_path(path.stem.removeprefix("unit")).read_text(), \
+            f"{path} is stale: run `make references`"
+    assert all(earlier < unit for earlier in notebooks.shipped_references(unit)), "only earlier units' references"
 
 
 @pytest.mark.parametrize("unit", UNITS)

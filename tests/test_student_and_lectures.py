@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -27,16 +28,16 @@ def test_students_can_validate_their_work(unit, tmp_path, monkeypatch):
     (it must not crash), and a complete notebook validates cleanly."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LLMCOURSE_AUTOGRADER_ROOT", raising=False)
+    # the student's copy of the released folder (the notebook, and the earlier references it ships)
     untouched = tmp_path / "untouched" / f"{unit}.ipynb"
-    untouched.parent.mkdir()
-    untouched.write_bytes(notebooks.release_notebook(unit).read_bytes())
+    shutil.copytree(notebooks.release_notebook(unit).parent, untouched.parent)
     failures = _validate(untouched)
     assert failures.get("failed"), "the untouched release should fail its visible tests"
     expected = ("NotImplementedError", "AssertionError", "You did not provide a response")
     assert all(any(e in f["raw_error"] for e in expected) for f in failures["failed"])
 
     done = tmp_path / "done" / f"{unit}.ipynb"
-    done.parent.mkdir()
+    shutil.copytree(notebooks.release_notebook(unit).parent, done.parent)
     done.write_text(json.dumps(samples.answered(unit)))
     assert _validate(done) == {}, "a correct notebook must validate without failures"
 

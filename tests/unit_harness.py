@@ -47,6 +47,19 @@ C = "check_"
 Mutants = dict[str, tuple[dict, set[str]]]  # name: (namespace overrides, the checks it must fail)
 
 
+class InNotebook:
+    """A mutant given as source code and run in the notebook's namespace, as a student's cell is: its
+    global names (the parts it calls) are then the namespace's, including those a check swaps in
+    (the reference parts, a crashing ``get_batch``), instead of fixed objects."""
+
+    def __init__(self, name: str, source: str):
+        self.name, self.source = name, source
+
+    def define(self, ns: dict):
+        exec(compile(self.source, f"<mutant {self.name}>", "exec"), ns)
+        return ns[self.name]
+
+
 class UnitUnderTest:
     """One graded unit: its hidden-test module, the reference exported from its solution
     notebook, and how its checks split into parts.
@@ -95,10 +108,12 @@ class UnitUnderTest:
         return ns
 
     def make_ns(self, *updates: dict) -> dict:
-        """The reference namespace updated *in place* with each of ``updates`` (e.g. a mutant)."""
+        """The reference namespace updated *in place* with each of ``updates`` (e.g. a mutant); an
+        ``InNotebook`` value is defined in the namespace itself, as a student's cell would be."""
         ns = self.reference_ns()
         for update in updates:
-            ns.update(update)
+            for name, value in update.items():
+                ns[name] = value.define(ns) if isinstance(value, InNotebook) else value
         return ns
 
     def affected_checks(self, overrides: dict) -> list[str]:
@@ -154,6 +169,14 @@ class UnitUnderTest:
 
     def visible_test_cells(self, nb) -> list:
         return [c for c in nb.cells if nbg(c).get("grade") and not nbg(c).get("solution")]
+
+
+def _from_earlier_reference(node, unit: str) -> bool:
+    """``reference("NN_name").attribute`` of an earlier unit."""
+    return (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Name) and node.value.func.id == "reference"
+            and len(node.value.args) == 1 and isinstance(node.value.args[0], ast.Constant)
+            and str(node.value.args[0].value) < unit)
 
 
 def run_cell(u: UnitUnderTest, check: str, visible: str, ns: dict, mutant: str) -> None:
@@ -333,15 +356,17 @@ def common_tests(u: UnitUnderTest, *, lazy_ns: Callable[[], dict], mutants: Muta
                 assert "HIDDEN TESTS" not in c.source, c.id
 
     def test_imports_cells():
-        """The Colab install cell comes first, then the one locked ``export`` cell: imports, and
-        constants the reference needs, which the exported reference module carries."""
+        """The Colab install cell comes first, then the one locked ``export`` cell: imports, constants
+        the reference needs, and names taken from an earlier unit's reference
+        (``GPT = reference("05_transformers").GPT``), which the exported reference module carries."""
         code = [c for c in u.nb.cells if c.cell_type == "code"]
         assert "%pip install" in code[0].source and "export" not in code[0].metadata.get("tags", [])
         export = [c for c in code if "export" in c.metadata.get("tags", [])]
         assert len(export) == 1 and export[0] is code[1] and nbg(export[0])["locked"]
         for node in ast.parse(export[0].source).body:
             assert isinstance(node, (ast.Import, ast.ImportFrom)) or (
-                isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)), ast.dump(node)[:80]
+                isinstance(node, ast.Assign) and (isinstance(node.value, ast.Constant)
+                                                  or _from_earlier_reference(node.value, u.unit))), ast.dump(node)[:80]
 
     def test_reference_is_fresh():
         assert u.reference_path.read_text(encoding="utf-8") == notebooks.exported_reference(u.unit), \
