@@ -56,6 +56,15 @@ MISTAKES: dict[str, list[tuple[str, str, str]]] = {
         ("LayerNorm", "var = x.var(dim=-1, keepdim=True, unbiased=False)",
          "var = x.var(dim=-1, keepdim=True, unbiased=True)"),
     ],
+    "06_training": [
+        # Adam with L2 regularization: the weight decay added to the gradient instead of decoupled
+        ("AdamW", "p.mul_(1 - lr * wd)\n                m.lerp_(p.grad, 1 - beta1)\n"
+                  "                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)",
+         "g = p.grad + wd * p\n                m.lerp_(g, 1 - beta1)\n"
+         "                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)"),
+        # the warm-up one iteration ahead: (it + 1) / warmup_iters, so it never starts at 0
+        ("lr_at", "return it / warmup_iters * max_lr", "return (it + 1) / warmup_iters * max_lr"),
+    ],
 }
 # What carol's mistakes cost, in autograded points: each mistake fails its own test cells only.
 CAROL_LOSES: dict[str, float] = {
@@ -64,6 +73,7 @@ CAROL_LOSES: dict[str, float] = {
     "03_rnns": 12 + 10,  # test_rnnlm_forward (12), test_clip_grad_norm (10)
     "04_lstm_seq2seq": 12 + 12,  # test_lstm_cell (12), test_greedy_decode (12)
     "05_transformers": 15 + 10,  # test_scaled_dot_product_attention (15), test_layer_norm (10)
+    "06_training": 12 + 8 + 8,  # test_adamw_steps (12), test_adamw_against_torch (8), test_lr_at (8)
 }
 # Written answers carol leaves blank (the rest she answers with the key's text).
 CAROL_SKIPS_WRITTEN = 1
