@@ -323,6 +323,24 @@ LN_CASES = [  # (x shape, eps, dtype, scale, shift)
 ]
 
 
+def _compare_forward_backward(model, x, upstream, expected, grads: dict, *, device, own, what: str,
+                              out_tol: float, grad_tol: float, explain: str) -> None:
+    """Run the student's ``model`` on ``x`` (on ``device``, with ``own``'s shortcuts forbidden) and
+    compare its output with ``expected``; then backpropagate ``upstream`` and compare the gradients
+    with ``grads``: {"x": the input's, parameter name: that parameter's}, computed on the CPU."""
+    x_mine = x.to(device).requires_grad_(True)
+    with _no_shortcuts(own):
+        out = call_student(model, x_mine, what=what)
+    assert_close(out, expected.detach().to(device), atol=out_tol, rtol=out_tol, what=f"{what}: the output ({explain})")
+    call_student((out * upstream.to(device)).sum().backward, what=f"{what}: backward()")
+    leaves = {"x": x_mine, **dict(model.named_parameters())}
+    for name, e in grads.items():
+        if leaves[name].grad is None:
+            raise GradingFailure(f"{what}: the output does not depend on {name}")
+        assert_close(leaves[name].grad, e.to(device), atol=grad_tol, rtol=grad_tol,
+                     what=f"{what}: the gradient with respect to {name}")
+
+
 def check_layer_norm(ns):
     cls = student(ns, "LayerNorm")
 
@@ -346,20 +364,13 @@ def check_layer_norm(ns):
             x_ref = x.clone().requires_grad_(True)
             expected = torch_ln(x_ref)
             (expected * upstream).sum().backward()
-            x_mine = x.to(device).requires_grad_(True)
-            with _no_shortcuts(ref.LayerNorm):
-                out = call_student(model, x_mine, what=what)
             tol = _tol(dtype)
-            assert_close(out, expected.detach().to(device), atol=10 * tol, rtol=10 * tol,
-                         what=f"{what}: the output (normalize over the last dimension with the biased variance, "
-                              f"divided by d, and eps inside the square root)")
-            call_student((out * upstream.to(device)).sum().backward, what=f"{what}: backward()")
-            for name, leaf, e in (("x", x_mine, x_ref.grad), ("weight", model.weight, torch_ln.weight.grad),
-                                  ("bias", model.bias, torch_ln.bias.grad)):
-                if leaf.grad is None:
-                    raise GradingFailure(f"{what}: the output does not depend on {name}")
-                assert_close(leaf.grad, e.to(device), atol=100 * tol, rtol=100 * tol,
-                             what=f"{what}: the gradient with respect to {name}")
+            _compare_forward_backward(
+                model, x, upstream, expected,
+                {"x": x_ref.grad, "weight": torch_ln.weight.grad, "bias": torch_ln.bias.grad},
+                device=device, own=ref.LayerNorm, what=what, out_tol=10 * tol, grad_tol=100 * tol,
+                explain="normalize over the last dimension with the biased variance, divided by d, and eps "
+                        "inside the square root")
 
     with single_thread():
         on_each_device(check)
@@ -416,21 +427,12 @@ def check_transformer_block(ns):
             x_ref = x.clone().requires_grad_(True)
             expected = _torch_block(sd, x_ref, h)
             (expected * upstream).sum().backward()
-            x_mine = x.to(device).requires_grad_(True)
-            with _no_shortcuts(ref.TransformerBlock):
-                out = call_student(model, x_mine, what=what)
             tol = _tol(dtype)
-            assert_close(out, expected.detach().to(device), atol=100 * tol, rtol=100 * tol,
-                         what=f"{what}: the output (pre-LN: x + attn(ln_1(x)) with a causal mask, then "
-                              f"x + mlp_proj(gelu_tanh(mlp_fc(ln_2(x)))))")
-            call_student((out * upstream.to(device)).sum().backward, what=f"{what}: backward()")
-            assert_close(x_mine.grad, x_ref.grad.to(device), atol=1000 * tol, rtol=1000 * tol,
-                         what=f"{what}: the gradient with respect to x")
-            for name, p in model.named_parameters():
-                if p.grad is None:
-                    raise GradingFailure(f"{what}: the output does not depend on {name}")
-                assert_close(p.grad, sd[name].grad.to(device), atol=1000 * tol, rtol=1000 * tol,
-                             what=f"{what}: the gradient with respect to {name}")
+            _compare_forward_backward(
+                model, x, upstream, expected,
+                {"x": x_ref.grad, **{name: sd[name].grad for name, _ in model.named_parameters()}},
+                device=device, own=ref.TransformerBlock, what=what, out_tol=100 * tol, grad_tol=1000 * tol,
+                explain="pre-LN: x + attn(ln_1(x)) with a causal mask, then x + mlp_proj(gelu_tanh(mlp_fc(ln_2(x))))")
 
     with swapped(ns, **_parts()), single_thread():
         on_each_device(check)
