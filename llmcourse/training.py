@@ -139,3 +139,52 @@ def pad_sequences(sequences: list[list[int]], pad: int = 0, side: str = "right")
             start = 0 if side == "right" else width - len(seq)
             out[row, start:start + len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
     return out
+
+
+CHAR_GPTS = {
+    # name: (the GPT's sizes, TrainConfig overrides). Trained on tiny Shakespeare's first 90%, seed 0.
+    "draft": (dict(block_size=128, n_layer=1, n_head=2, n_embd=32), dict(max_iters=400, batch_size=16)),
+    "small": (dict(block_size=128, n_layer=2, n_head=4, n_embd=64), dict(max_iters=800, batch_size=16)),
+    "base": (dict(block_size=128, n_layer=4, n_head=4, n_embd=128), dict(max_iters=2000)),
+}
+
+
+def char_gpt(name: str, trainer, device="cpu"):
+    """A character-level GPT trained on tiny Shakespeare, for the units that use a trained model
+    (decoding, fine-tuning, alignment). ``name`` is one of ``CHAR_GPTS``: "draft" (about 10 s to
+    train on a CPU), "small" (about 30 s) or "base" (nanoGPT's CPU model, about 2.5 minutes).
+
+    ``trainer`` is unit 06's reference module (``reference("06_training")``): its ``GPT``, ``train``
+    and ``TrainConfig`` build and train the model, deterministically on the CPU from seed 0. The
+    weights are cached in the data cache (``LLMCOURSE_CACHE_DIR``, models/), keyed by the settings and the
+    reference's source, so a changed reference retrains. Returns (model in eval mode on ``device``,
+    stoi, itos).
+    """
+    import hashlib
+    import inspect
+    import os
+
+    from llmcourse.data import cache_dir, char_vocab, load_text
+    from llmcourse.runtime import seed_everything
+
+    sizes, overrides = CHAR_GPTS[name]
+    text = load_text("tinyshakespeare")
+    stoi, itos = char_vocab(text, first=None)
+    key = hashlib.sha256(repr((name, sizes, overrides, inspect.getsource(trainer.GPT),
+                               inspect.getsource(trainer.train))).encode()).hexdigest()[:16]
+    path = cache_dir() / "models" / f"char-gpt-{name}-{key}.pt"
+    seed_everything(0)
+    model = trainer.GPT(len(itos), **sizes)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        tokens = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+        n_train = int(0.9 * len(tokens))
+        config = trainer.TrainConfig(**{"context_length": sizes["block_size"] // 2, **overrides},
+                                     device="cpu", progress=False)
+        trainer.train(model, {"train": tokens[:n_train], "val": tokens[n_train:]}, config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)  # atomic: a half-written file is never loaded, two writers never mix
+    return model.to(device).eval(), stoi, itos

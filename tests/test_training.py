@@ -14,11 +14,13 @@ from llmcourse.data import (
     PAD,
     char_vocab,
     date_pairs,
+    load_text,
     names_splits,
     seq2seq_vocab,
 )
 from llmcourse.training import (
     History,
+    char_gpt,
     context_windows,
     fit,
     mean_loss,
@@ -124,3 +126,39 @@ def test_seq2seq_vocab_and_padding():
     assert pad_sequences([[5, 6, 7], [8]], pad=0).tolist() == [[5, 6, 7], [8, 0, 0]]
     assert pad_sequences([[5, 6, 7], [8], []], pad=1, side="left").tolist() == [[5, 6, 7], [1, 1, 8], [1, 1, 1]]
     assert pad_sequences([[]]).shape == (1, 0) and pad_sequences([]).shape == (0, 0)
+
+
+def test_char_gpt_trains_once_then_loads_the_same_weights(tmp_path, monkeypatch):
+    """Units 07-09 decode and fine-tune a trained GPT: the first call trains it deterministically with
+    unit 06's reference, later calls load the cached weights, and a changed trainer retrains."""
+    from llmcourse.grading import reference
+    from llmcourse.runtime import single_thread
+
+    monkeypatch.setenv("LLMCOURSE_CACHE_DIR", str(tmp_path))
+    trainer = reference("06_training")
+    with single_thread():
+        model, stoi, itos = char_gpt("draft", trainer)
+    assert not model.training and len(itos) == 65 and stoi["a"] == itos.index("a")
+    (cached,) = (tmp_path / "models").glob("char-gpt-draft-*.pt")
+    written = cached.stat().st_mtime_ns
+    again, _, _ = char_gpt("draft", trainer)
+    assert cached.stat().st_mtime_ns == written and len(list((tmp_path / "models").iterdir())) == 1
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+    calls = []
+
+    def edited_train(model, data, config):  # another source: another cache key
+        calls.append(config.max_iters)
+
+    monkeypatch.setattr(trainer, "train", edited_train)
+    char_gpt("draft", trainer)
+    assert calls == [400] and len(list((tmp_path / "models").glob("char-gpt-draft-*.pt"))) == 2
+    monkeypatch.undo()
+    # trained, not just initialized: well under the uniform distribution's loss, ln 65 = 4.17
+    text = load_text("tinyshakespeare")
+    val = torch.tensor([stoi[c] for c in text[int(0.9 * len(text)):]])
+    with torch.no_grad():
+        x = torch.stack([val[i:i + 64] for i in range(0, 6400, 64)])
+        _, loss = model(x[:, :-1], x[:, 1:])
+    assert loss.item() < 2.7, loss.item()
