@@ -206,8 +206,11 @@ def names_splits(seed: int = 42) -> tuple[list[str], list[str], list[str]]:
 def char_vocab(texts, first: str | None = NAMES_END) -> tuple[dict[str, int], list[str]]:
     """Character vocabulary of ``texts``: ``first`` (if given) gets id 0, the rest sorted after it.
 
-    Returns ``(stoi, itos)`` with ``itos[stoi[c]] == c``.
+    ``texts`` is a list of strings, or one string (a whole corpus). Returns ``(stoi, itos)`` with
+    ``itos[stoi[c]] == c``.
     """
+    if isinstance(texts, str):
+        texts = [texts]  # one set of a million characters, not a million sets of one
     chars = sorted(set().union(*map(set, texts)) - {first})
     itos = ([first] if first is not None else []) + chars
     return {c: i for i, c in enumerate(itos)}, itos
