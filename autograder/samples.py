@@ -65,6 +65,24 @@ MISTAKES: dict[str, list[tuple[str, str, str]]] = {
         # the warm-up one iteration ahead: (it + 1) / warmup_iters, so it never starts at 0
         ("lr_at", "return it / warmup_iters * max_lr", "return (it + 1) / warmup_iters * max_lr"),
     ],
+    "07_decoding": [
+        # top-k that keeps exactly k indices: the tokens tied with the k-th largest logit are dropped
+        ("top_k_filter", "    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)\n"
+                         "    return logits.masked_fill(logits < kth_largest, float(\"-inf\"))",
+         "    top = torch.topk(logits, k, dim=-1).indices\n"
+         "    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top, True)\n"
+         "    return logits.masked_fill(~keep, float(\"-inf\"))"),
+        # beam search that keeps extending finished hypotheses: a candidate ending in eos also stays alive
+        ("beam_search", "            else:\n                alive.append(torch.cat([seqs[beam], seqs.new_tensor([token])]))\n"
+                        "                alive_sums.append(total)",
+         "            alive.append(torch.cat([seqs[beam], seqs.new_tensor([token])]))\n"
+         "            alive_sums.append(total)"),
+        # speculative decoding that resamples a rejected position from the target p, not the residual
+        ("speculative_decode", "residual = (p[i] - q[i]).clamp(min=0)\n"
+                               "            last = torch.multinomial(residual / residual.sum(), num_samples=1, "
+                               "generator=generator)",
+         "last = torch.multinomial(p[i], num_samples=1, generator=generator)"),
+    ],
 }
 # What carol's mistakes cost, in autograded points: each mistake fails its own test cells only.
 CAROL_LOSES: dict[str, float] = {
@@ -74,6 +92,7 @@ CAROL_LOSES: dict[str, float] = {
     "04_lstm_seq2seq": 12 + 12,  # test_lstm_cell (12), test_greedy_decode (12)
     "05_transformers": 15 + 10,  # test_scaled_dot_product_attention (15), test_layer_norm (10)
     "06_training": 12 + 8 + 8,  # test_adamw_steps (12), test_adamw_against_torch (8), test_lr_at (8)
+    "07_decoding": 7 + 13 + 15,  # test_top_k_filter (7), test_beam_search (13), test_speculative_decode (15)
 }
 # Written answers carol leaves blank (the rest she answers with the key's text).
 CAROL_SKIPS_WRITTEN = 1
