@@ -208,6 +208,17 @@ TEMPERATURE_CASES = [  # (shape, kind, dtype, temperature)
 _TEMPERATURE_TOL = {F32: 1e-6, F64: 1e-12, BF16: 1e-2, F16: 2e-3}
 
 
+def _call_filter(fn, name: str, x: torch.Tensor, *args, what: str, **kwargs) -> torch.Tensor:
+    """The student's filter ``name`` on logits ``x`` (its own shortcuts forbidden): a tensor of x's
+    shape, dtype and device, with x left as it was."""
+    before = x.clone()
+    with _no_shortcuts(_own(name)):
+        got = call_student(fn, x, *args, what=what, **kwargs)
+    _check_tensor(got, shape=tuple(x.shape), dtype=x.dtype, device=x.device, what=what)
+    _unchanged(x, before, what)
+    return got
+
+
 def check_apply_temperature(ns):
     fn = student(ns, "apply_temperature")
     lp = hf_processors()
@@ -216,11 +227,7 @@ def check_apply_temperature(ns):
         for seed, (shape, kind, dtype, t) in enumerate(TEMPERATURE_CASES):
             x = _logits(seed, shape, kind, dtype).to(device)
             what = f"apply_temperature({_describe_input(shape, kind, dtype)}, temperature={t}) on {device}"
-            before = x.clone()
-            with _no_shortcuts(_own("apply_temperature")):
-                got = call_student(fn, x, t, what=what)
-            _check_tensor(got, shape=shape, dtype=dtype, device=device, what=what)
-            _unchanged(x, before, what)
+            got = _call_filter(fn, "apply_temperature", x, t, what=what)
             tol = _TEMPERATURE_TOL[dtype]
             assert_close(got, ref.apply_temperature(x, t), atol=tol, rtol=tol,
                          what=f"{what}: against the reference (logits / temperature)")
@@ -260,11 +267,7 @@ def check_top_k_filter(ns):
         for seed, (shape, kind, dtype, k) in enumerate(TOP_K_CASES):
             x = _logits(seed, shape, kind, dtype).to(device)
             what = f"top_k_filter({_describe_input(shape, kind, dtype)}, k={k}) on {device}"
-            before = x.clone()
-            with _no_shortcuts(_own("top_k_filter")):
-                got = call_student(fn, x, k, what=what)
-            _check_tensor(got, shape=shape, dtype=dtype, device=device, what=what)
-            _unchanged(x, before, what)
+            got = _call_filter(fn, "top_k_filter", x, k, what=what)
             _compare_filtered(got, ref.top_k_filter(x, k), x, what,
                               "the reference (every logit tied with the k-th largest is kept too)")
             if lp is not None:
@@ -307,11 +310,7 @@ def check_top_p_filter(ns):
         for seed, (shape, kind, dtype, p, m) in enumerate(TOP_P_CASES):
             x = _logits(seed, shape, kind, dtype).to(device)
             what = f"top_p_filter({_describe_input(shape, kind, dtype)}, p={p}, min_tokens_to_keep={m}) on {device}"
-            before = x.clone()
-            with _no_shortcuts(_own("top_p_filter")):
-                got = call_student(fn, x, p, min_tokens_to_keep=m, what=what)
-            _check_tensor(got, shape=shape, dtype=dtype, device=device, what=what)
-            _unchanged(x, before, what)
+            got = _call_filter(fn, "top_p_filter", x, p, min_tokens_to_keep=m, what=what)
             expected = ref.top_p_filter(x, p, m)
             hf = lp.TopPLogitsWarper(p, min_tokens_to_keep=m)(None, _as_2d(x)).reshape(shape) if lp else None
             if dtype in (BF16, F16):
