@@ -1,14 +1,21 @@
-"""Benchmark: the course's reference ``train`` (unit 06) on the course's GPT (unit 05), side by side
-with nanoGPT's own training loop and model, with nanoGPT's character-level tiny Shakespeare
-configurations. Not a test: it prints losses and times.
+"""Benchmark: the course's reference ``train`` (unit 06) on the course's GPT (unit 05, computed by unit 06's
+``FusedGPT``), side by side with nanoGPT's own training loop and model, with nanoGPT's character-level tiny
+Shakespeare configurations. Not a test: it prints losses and times.
 
     .venv/bin/python benchmarks/train_gpt.py                  # CPU config, 2000 iterations: ours, then nanoGPT's
+    .venv/bin/python benchmarks/train_gpt.py --gpt2 --unfused # also GPT-2's architecture, and unit 05's GPT as is
     .venv/bin/python benchmarks/train_gpt.py --ours-only      # ours alone
     .venv/bin/python benchmarks/train_gpt.py --iters 3        # a smoke test: both runs, 3 iterations each
     .venv/bin/python benchmarks/train_gpt.py --baseline       # also ours with torch.optim.AdamW
     .venv/bin/python benchmarks/train_gpt.py --nanogpt-lr     # also ours at nanoGPT's learning rate
     .venv/bin/python benchmarks/train_gpt.py --gpu-config     # nanoGPT's GPU config, ours alone (needs a GPU)
     .venv/bin/python benchmarks/train_gpt.py --gpu-config --nanogpt   # ... and nanoGPT's run beside it
+
+Ours is ``FusedGPT(..., bias=False, gelu="none")``: unit 05's GPT with nanoGPT's two architecture choices
+for this data (no biases, the exact GELU), so that both runs train the same model (0.80M parameters on the CPU
+config), computed with PyTorch's fused kernels (``F.layer_norm``, one q/k/v matmul,
+``F.scaled_dot_product_attention``). ``--gpt2`` also runs ``FusedGPT``'s defaults (GPT-2's biases and tanh
+GELU: unit 05's function) and ``--unfused`` unit 05's ``GPT`` itself (its own LayerNorm and attention).
 
 Sizes, batches and iterations are nanoGPT's (``config/train_shakespeare_char.py`` and its README's
 CPU command), and so is the recipe: AdamW (betas (0.9, 0.99), weight decay 0.1), 100 warm-up
@@ -31,7 +38,8 @@ part of the default CPU run (``--ours-only`` skips it) and, as its GPU run is lo
 ``--nanogpt`` on the GPU config; ``--iters`` applies to both runs. The last line compares them: the
 bar is ours at a val loss no higher than nanoGPT's published one (1.88 on the CPU config, 1.4697 on
 the GPU one) in no more wall time than nanoGPT's run beside it. nanoGPT's published CPU run reaches
-val 1.88, measured on the course's 2-core machine at val 1.874 in 145 s (COURSE.md).
+val 1.88; COURSE.md measured its whole train.py at val 1.874 in 145 s on the course's 2-core machine, and
+its loop here takes about 95 s there.
 """
 
 from __future__ import annotations
@@ -64,7 +72,9 @@ GPU = dict(n_layer=6, n_head=6, n_embd=384, dropout=0.2,
 # nanoGPT's train.py defaults and config/train_shakespeare_char.py; lr_decay_iters is max_iters there
 NANOGPT = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1, betas=(0.9, 0.99),
                grad_clip=1.0, eval_interval=250, bias=False, seed=1337)
-ANCHORS = {"cpu": "nanoGPT: val 1.88 (published), 1.874 in 145 s on the course's 2-core machine",
+ARCHITECTURES = {"nanoGPT's": dict(bias=False, gelu="none"), "GPT-2's": dict(bias=True, gelu="tanh")}
+ANCHORS = {"cpu": "nanoGPT: val 1.88 (published), 1.874 in 145 s on the course's 2-core machine (its whole "
+                  "train.py), about 95 s for its loop here",
            "gpu": "nanoGPT: val 1.4697 in about 3 minutes on an A100"}
 BAR = {"cpu": 1.88, "gpu": 1.4697}  # nanoGPT's published val losses
 
@@ -84,7 +94,7 @@ def report(label: str, val: float, seconds: float, iters: int, evals: list) -> d
     """The result of one run, printed on one line."""
     result = {"run": label, "val": val, "seconds": seconds, "ms/it": 1000 * seconds / iters, "iters": iters,
               "evals": evals}
-    print(f"{label:<34} val {val:.4f}  {seconds:7.1f} s  {result['ms/it']:6.1f} ms/it  ({iters} iterations)",
+    print(f"{label:<40} val {val:.4f}  {seconds:7.1f} s  {result['ms/it']:6.1f} ms/it  ({iters} iterations)",
           flush=True)
     return result
 
@@ -95,14 +105,14 @@ def synchronize(device: str) -> None:
 
 
 def run(label: str, preset: dict, data: dict, vocab_size: int, device: str, iters: int | None,
-        optimizer=None, **settings) -> dict:
-    """One training run from seed 0; ``optimizer`` replaces the course's AdamW for the run, and
-    ``settings`` override TrainConfig's."""
+        optimizer=None, architecture: str | None = "nanoGPT's", **settings) -> dict:
+    """One training run from seed 0 of ``FusedGPT`` with ``architecture``'s switches (None: unit 05's GPT
+    itself); ``optimizer`` replaces the course's AdamW for the run, and ``settings`` override TrainConfig's."""
     config = U06.TrainConfig(**{**preset["train"], **({"max_iters": iters} if iters else {}), **settings},
                              device=device, progress=False)
     seed_everything(0)
-    model = U06.GPT(vocab_size, config.context_length, preset["n_layer"], preset["n_head"], preset["n_embd"],
-                    preset["dropout"])
+    sizes = (vocab_size, config.context_length, preset["n_layer"], preset["n_head"], preset["n_embd"], preset["dropout"])
+    model = U06.GPT(*sizes) if architecture is None else U06.FusedGPT(*sizes, **ARCHITECTURES[architecture])
     course_adamw = U06.AdamW
     if optimizer is not None:
         U06.AdamW = optimizer  # train() builds its optimizer from the module's AdamW
@@ -223,6 +233,8 @@ def main(argv=None) -> list[dict]:
     side.add_argument("--nanogpt", action="store_true",
                       help="run nanoGPT's loop beside ours (the default with the CPU config)")
     side.add_argument("--ours-only", action="store_true", help="skip nanoGPT's run")
+    parser.add_argument("--gpt2", action="store_true", help="also run FusedGPT with GPT-2's architecture")
+    parser.add_argument("--unfused", action="store_true", help="also run unit 05's GPT (GPT-2's, unfused)")
     parser.add_argument("--baseline", action="store_true", help="also run with torch.optim.AdamW")
     parser.add_argument("--nanogpt-lr", action="store_true", help="also run at nanoGPT's lr (1e-3 to 1e-4)")
     parser.add_argument("--iters", type=int, default=None, help="override the number of iterations (all runs)")
@@ -238,12 +250,18 @@ def main(argv=None) -> list[dict]:
     print(f"{name} config on {device} ({torch.get_num_threads()} CPU threads): "
           f"{ {k: v for k, v in preset.items() if k != 'train'} } {preset['train']}")
     print(f"anchor: {ANCHORS[name]}")
-    results = [run("course train + course AdamW", preset, data, vocab_size, device, args.iters)]
+    results = [run("ours: FusedGPT, nanoGPT's architecture", preset, data, vocab_size, device, args.iters)]
+    if args.gpt2:
+        results.append(run("FusedGPT, GPT-2's architecture", preset, data, vocab_size, device, args.iters,
+                           architecture="GPT-2's"))
+    if args.unfused:
+        results.append(run("unit 05's GPT (GPT-2's, unfused)", preset, data, vocab_size, device, args.iters,
+                           architecture=None))
     if args.nanogpt_lr:
         results.append(run("the same at nanoGPT's lr 1e-3", preset, data, vocab_size, device, args.iters,
                            max_lr=1e-3, min_lr=1e-4))
     if args.baseline:
-        results.append(run("course train + torch.optim.AdamW", preset, data, vocab_size, device, args.iters,
+        results.append(run("ours with torch.optim.AdamW", preset, data, vocab_size, device, args.iters,
                            optimizer=torch.optim.AdamW))
     if with_nanogpt:
         results.append(run_nanogpt("nanoGPT train.py + model.py", preset, data, vocab_size, device, args.iters))

@@ -23,7 +23,7 @@ def bench():
 def test_train_gpt_benchmark_runs_ours_and_nanogpt_side_by_side(bench, capsys, monkeypatch):
     monkeypatch.setitem(bench.CPU, "nanogpt_eval_iters", 4)  # nanoGPT's 20 batches per split: a slower test
     results = bench.main(["--iters", "3", "--baseline", "--device", "cpu"])
-    assert [r["run"] for r in results] == ["course train + course AdamW", "course train + torch.optim.AdamW",
+    assert [r["run"] for r in results] == ["ours: FusedGPT, nanoGPT's architecture", "ours with torch.optim.AdamW",
                                            "nanoGPT train.py + model.py"]
     assert [r["iters"] for r in results] == [3, 3, 3]  # --iters applies to nanoGPT's run too
     # the course's AdamW and PyTorch's take the same steps
@@ -40,6 +40,9 @@ def test_train_gpt_benchmark_runs_ours_and_nanogpt_side_by_side(bench, capsys, m
 
 
 def test_train_gpt_benchmark_ours_only_skips_nanogpt(bench, capsys):
-    results = bench.main(["--iters", "1", "--ours-only", "--device", "cpu"])
-    assert [r["run"] for r in results] == ["course train + course AdamW"]
+    results = bench.main(["--iters", "2", "--ours-only", "--gpt2", "--unfused", "--device", "cpu"])
+    assert [r["run"] for r in results] == ["ours: FusedGPT, nanoGPT's architecture", "FusedGPT, GPT-2's architecture",
+                                           "unit 05's GPT (GPT-2's, unfused)"]
     assert "ours vs nanoGPT" not in capsys.readouterr().out
+    # FusedGPT's defaults are unit 05's GPT computed faster: the same run, to float rounding
+    assert abs(results[1]["val"] - results[2]["val"]) < 1e-4 and abs(results[0]["val"] - results[1]["val"]) > 1e-4
