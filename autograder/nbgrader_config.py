@@ -52,6 +52,17 @@ c.Autograde.sanitize_preprocessors = [
     "nbgrader.preprocessors.CheckCellMetadata",
 ]
 
+# Each kernel runs in its bubblewrap sandbox, with its output capped (autograder/sandbox.py).
+c.Autograde.autograde_preprocessors = [
+    "autograder.sandbox.SandboxedExecute",
+    "nbgrader.preprocessors.IgnorePattern",
+    "nbconvert.preprocessors.ClearMetadataPreprocessor",
+    "nbgrader.preprocessors.LimitOutput",
+    "nbgrader.preprocessors.SaveAutoGrades",
+    "nbgrader.preprocessors.AssignLatePenalties",
+    "nbgrader.preprocessors.CheckCellMetadata",
+]
+
 # A deleted test cell comes back from the gradebook instead of silently scoring nothing; the
 # course's RestoreDeletedGradeCells does it (nbgrader's add_missing_cells fails on this layout).
 c.OverwriteCells.add_missing_cells = False

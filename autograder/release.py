@@ -23,6 +23,15 @@ def release(unit: str, api=None) -> None:
     _strip_outputs(notebooks.release_notebook(unit))
 
 
+def register(unit: str, scratch) -> None:
+    """Record ``unit`` in the gradebook, as ``release`` does, but write the generated notebook
+    under ``scratch``: grading must not rewrite assignments/, which others may be reading."""
+    api = make_api(**{"CourseDirectory.release_directory": str(scratch)})
+    result = api.generate_assignment(unit, force=True, create=True)
+    if not result["success"]:
+        raise ReleaseError(f"nbgrader could not record {unit}:\n{result.get('log')}\n{result.get('error')}")
+
+
 def _strip_outputs(path) -> None:
     # nbgrader keeps outputs that are in the source; solutions are stored clean, but guard anyway.
     nb = notebooks.load(path)

@@ -21,6 +21,7 @@ import importlib.util
 import math
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -229,6 +230,26 @@ def call_student(fn, *args, what: str, **kwargs):
         raise GradingFailure(f"{what}: your code raised {type(err).__name__}: {err}") from err
 
 
+def call_each(fn, calls, *, what) -> list:
+    """``[fn(*args) for args in calls]``, each failure turned into one that names its input, as
+    ``call_student`` does (``what(*args)`` describes a call). When ``fn`` lives in the student's
+    kernel, all the calls cross the wire in one round trip."""
+    from .wire import Remote, call_many
+
+    calls = [tuple(a) for a in calls]
+    if isinstance(fn, Remote):
+        try:
+            return call_many(fn, calls)
+        except (NotImplementedError, GradingFailure):
+            raise
+        except Exception as err:
+            done = getattr(err, "calls_done", None)
+            failing = calls[done] if done is not None and done < len(calls) else None
+            where = what(*failing) if failing is not None else what(*calls[0]) if calls else "a call"
+            raise GradingFailure(f"{where}: your code raised {type(err).__name__}: {err}") from err
+    return [call_student(fn, *args, what=what(*args)) for args in calls]
+
+
 @contextmanager
 def swapped(ns: dict, **replacements):
     """Temporarily rebind names in the notebook namespace, e.g. the reference of a part graded
@@ -305,13 +326,19 @@ def forbid(*targets, reason: str = "Implement it yourself from basic operations.
             ids.add(id(target))
             names.add(_call_name(target))
 
+    remote = _checks_peer()
+    kernel_guard = swallowed = None
     try:
+        if remote is not None:  # the student's code runs in the kernel: guard it there too
+            kernel_guard = remote.request("forbid_enter", 0, [forbid_target(t) for t in targets], reason)
         if names or ids:
             with _torch_modes(guard):
                 yield guard
         else:
             yield guard
     finally:
+        if kernel_guard is not None:
+            swallowed = _leave_kernel_guard(remote, kernel_guard)
         for obj, attr, old in reversed(patches):
             if old is None:
                 delattr(obj, attr)
@@ -323,6 +350,60 @@ def forbid(*targets, reason: str = "Implement it yourself from basic operations.
         raise ForbiddenCallError(
             f"Forbidden call: {guard.violations[0]} (even though the error was caught). {reason}"
         )
+    if swallowed:  # the kernel's guard saw it
+        raise ForbiddenCallError(swallowed)
+
+
+def _leave_kernel_guard(remote, kernel_guard) -> str | None:
+    """End the kernel's side of a ``forbid`` block; return the violation its code swallowed."""
+    from .wire import WireError
+
+    try:
+        return remote.request("forbid_exit", 0, kernel_guard)
+    except (WireError, OSError):  # the kernel went away: the check fails on that already
+        return None
+
+
+def forbid_target(target) -> dict:
+    """How a ``forbid`` target is named to the student's kernel, which resolves it there."""
+    if isinstance(target, str):
+        return {"name": target}
+    if isinstance(target, type) or hasattr(target, "__code__"):
+        return {"module": getattr(target, "__module__", ""), "qualname": getattr(target, "__qualname__", "")}
+    return {"name": _call_name(target)}
+
+
+def resolve_forbid_target(spec: dict):
+    """The kernel's own object for a target named by ``forbid_target`` (None if it has none: a
+    reference that is not in the kernel cannot be called from it either)."""
+    if "name" in spec:
+        return str(spec["name"])
+    module_name, qualname = str(spec.get("module", "")), str(spec.get("qualname", ""))
+    module = sys.modules.get(module_name)
+    if module is None and module_name.startswith("autograder.references."):
+        # a later unit's kernel loads an earlier unit's shipped reference under this name
+        module = sys.modules.get("llmcourse_reference_" + module_name.rsplit(".", 1)[1])
+    if module is None and module_name.split(".")[0] in ("torch", "llmcourse", "numpy"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            return None
+    obj = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None or part == "<locals>":
+            return None
+    while not isinstance(obj, type) and not hasattr(obj, "__code__") and hasattr(obj, "__wrapped__"):
+        obj = obj.__wrapped__
+    return obj
+
+
+_CHECKS_PEER = threading.local()
+
+
+def _checks_peer():
+    """The wire to the student's kernel while a hidden check runs in the grader, else None."""
+    return getattr(_CHECKS_PEER, "peer", None)
 
 
 def _patch_class(cls: type, guard: _Guard, patches: list) -> None:
@@ -381,27 +462,70 @@ class HiddenTests:
         check = getattr(self._module, name)
 
         def run(*args, **kwargs):
+            from .wire import RemoteNamespace, WireError
+
+            peer = next((a.peer for a in args if isinstance(a, RemoteNamespace)), None)
+            _CHECKS_PEER.peer = peer
             try:
                 check(*args, **kwargs)
+            except WireError:  # the kernel went away: the caller says what that means
+                raise
             except (GradingFailure, ForbiddenCallError, PermissionError) as err:
                 raise GradingFailure(str(err)) from None
             except Exception as err:  # the student's code raised: show their frames only
                 raise GradingFailure(self._student_error(err)) from None
+            finally:
+                _CHECKS_PEER.peer = None
 
         run.__name__ = name
         return run
 
     def _student_error(self, err: BaseException) -> str:
+        remote_trace = getattr(err, "remote_trace", None)
+        if remote_trace is not None:  # raised in the student's kernel, across the wire
+            text = f"your code raised {getattr(err, 'remote_type', type(err).__name__)}: {err}"
+            return text + ("\n" + remote_trace if remote_trace else "")
         frames = [f for f in traceback.extract_tb(err.__traceback__)
-                  if not f.filename.startswith(self._hidden_dir) and f.filename != __file__]
+                  if not f.filename.startswith(self._hidden_dir) and f.filename != __file__
+                  and not f.filename.endswith("wire.py")]
         text = f"your code raised {type(err).__name__}: {err}"
         if frames:
             text += "\n" + "".join(traceback.format_list(frames[-5:]))
         return text
 
 
-def hidden_tests(unit: str) -> HiddenTests:
-    """The hidden tests of ``unit`` (e.g. ``"01_ngrams"``), available only to the autograder."""
+class RemoteHiddenTests:
+    """In a grading kernel whose checks run outside it: ``check_x(globals())`` asks the grader to
+    run ``check_x`` in its own process against this notebook's names (``llmcourse.wire``)."""
+
+    def __init__(self, unit: str, socket_path: str):
+        self._unit, self._socket_path = unit, socket_path
+
+    def __getattr__(self, name):
+        if not name.startswith("check_"):
+            raise AttributeError(name)
+
+        def run(ns):
+            from .wire import run_remote_check
+
+            run_remote_check(self._socket_path, self._unit, name, ns)
+
+        run.__name__ = name
+        return run
+
+
+def hidden_tests(unit: str) -> HiddenTests | RemoteHiddenTests:
+    """The hidden tests of ``unit`` (e.g. ``"01_ngrams"``), available only to the autograder.
+
+    Under the autograder the checks of most units run in the grader's process, outside the
+    student's kernel (the grader sets ``LLMCOURSE_CHECK_SOCKET``); otherwise they are imported
+    from ``autograder/hidden`` and run here (the course's own tests, and units not yet ported).
+    """
+    from .wire import SOCKET_ENV
+
+    socket_path = os.environ.get(SOCKET_ENV)
+    if socket_path:
+        return RemoteHiddenTests(unit, socket_path)
     root = autograder_root()
     if root is None:
         raise GradingFailure("The hidden tests run only under the course autograder.")

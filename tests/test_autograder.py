@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import re
 
 import pytest
@@ -35,9 +36,10 @@ def monkeypatch_session():
 
 @pytest.fixture(scope="session")
 def demo(grading_dir):
-    """The demo run: every bundled sample graded once. Returns ({(student, unit): Outcome}, console)."""
+    """The demo run: every bundled sample graded once, two at a time as on CI's two cores.
+    Returns ({(student, unit): Outcome}, console)."""
     out = io.StringIO()
-    outcomes = grade.autograde_folder(samples.SAMPLES, csv_path=grading_dir / "grades.csv", out=out)
+    outcomes = grade.autograde_folder(samples.SAMPLES, csv_path=grading_dir / "grades.csv", out=out, workers=2)
     return {(o.student, o.assignment): o for o in outcomes}, out.getvalue()
 
 
@@ -85,6 +87,98 @@ def test_gradebook_table_and_csv(demo, grading_dir):
     assert len(rows) == 1 + 5 * len(UNITS)
     dave_row = next(r for r in rows if r.startswith("dave,"))
     assert dave_row.split(",")[2] == "", "a corrupt notebook must not show up as a 0"
+
+
+def test_grading_again_is_idempotent_and_regrades_only_what_changed(demo, grading_dir, tmp_path):
+    """A second run over the same folder keeps every row (by content hash) and writes the same CSV;
+    a changed notebook is graded again, and so is an unchanged one with force."""
+    first_csv = (grading_dir / "grades.csv").read_text()
+    out = io.StringIO()
+    again = grade.autograde_folder(samples.SAMPLES, csv_path=tmp_path / "again.csv", out=out)
+    assert (tmp_path / "again.csv").read_text() == first_csv
+    assert not re.search(r"^grading ", out.getvalue(), re.M), "nothing unchanged is graded again"
+    assert out.getvalue().count("unchanged since it was graded") == len(again)
+
+    unit = UNITS[0]
+    folder = tmp_path / "resubmitted"
+    nb = notebooks.load(samples.SAMPLES / "erin" / unit / f"{unit}.ipynb")
+    nb["cells"][0]["source"] = notebooks.source(nb["cells"][0]) + "\n# resubmitted"
+    (folder / "erin" / unit).mkdir(parents=True)
+    (folder / "erin" / unit / f"{unit}.ipynb").write_text(json.dumps(nb))
+    (folder / "bob" / unit).mkdir(parents=True)
+    (folder / "bob" / unit / f"{unit}.ipynb").write_bytes((samples.SAMPLES / "bob" / unit / f"{unit}.ipynb").read_bytes())
+    out = io.StringIO()
+    rows = {o.student: o for o in grade.autograde_folder(folder, csv_path=tmp_path / "re.csv", out=out)}
+    assert f"grading erin/{unit}" in out.getvalue() and f"grading bob/{unit}" not in out.getvalue()
+    assert rows["erin"].status == "kernel died" and rows["bob"] == demo[0][("bob", unit)]
+    out = io.StringIO()
+    forced = {o.student: o for o in grade.autograde_folder(folder, csv_path=tmp_path / "forced.csv", out=out,
+                                                             force=True)}
+    assert f"grading bob/{unit}" in out.getvalue()
+    assert _same_grade(forced["bob"], demo[0][("bob", unit)]), "one at a time grades as two side by side do"
+
+
+def _same_grade(a, b) -> bool:
+    return (a.status, a.score, a.max_score, a.auto_score, a.bonus) == (b.status, b.score, b.max_score,
+                                                                      b.auto_score, b.bonus)
+
+
+def _sample_folder(root, unit, students):
+    for student in students:
+        (root / student / unit).mkdir(parents=True)
+        for path in (samples.SAMPLES / student / unit).iterdir():
+            (root / student / unit / path.name).write_bytes(path.read_bytes())
+    return root
+
+
+def test_a_dask_cluster_grades_as_the_local_run_does(demo, tmp_path, monkeypatch):
+    """A Dask cluster on localhost grades each submission as a task on its workers: the same rows as
+    the local run, and only this process writes the gradebook (the workers send results back).
+    Once a cluster that grading starts itself ("local"), once one started beforehand (its address)."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    unit = UNITS[0]
+    monkeypatch.setenv("LLMCOURSE_GRADING_DIR", str(tmp_path / "state"))
+    folder = _sample_folder(tmp_path / "in", unit, ["alice", "bob", "dave", "erin"])
+    rows = grade.autograde_folder(folder, csv_path=tmp_path / "local.csv", out=io.StringIO(),
+                                  scheduler="local", workers=2)
+    for row in rows:
+        assert _same_grade(row, demo[0][(row.student, unit)]), row
+    graded = [r for r in rows if r.student != "dave"]
+    assert all(r.device == "cpu" and r.worker and not r.worker.endswith(f":{os.getpid()}") for r in graded)
+    assert len({r.worker for r in graded}) == 2, "both workers graded"
+
+    with dask.config.set({"distributed.worker.daemon": False}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        pids = set(client.run(os.getpid).values())
+        again = grade.autograde_folder(folder, csv_path=tmp_path / "remote.csv", out=io.StringIO(), force=True,
+                                       scheduler=cluster.scheduler_address)
+    assert [_same_grade(a, b) for a, b in zip(again, rows, strict=True)] == [True] * len(rows)
+    assert {int(r.worker.rsplit(":", 1)[1]) for r in again if r.student != "dave"} == pids
+
+
+def test_each_worker_gets_its_own_gpu(tmp_path, monkeypatch):
+    """With GPUs, each local worker slot hands its GPU to its kernels as CUDA_VISIBLE_DEVICES, and the
+    CSV records it. (CI has no GPU: the two GPUs are the list the grader would read from /dev.)"""
+    unit = UNITS[0]
+    monkeypatch.setenv("LLMCOURSE_GRADING_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(grade, "visible_gpus", lambda: ["0", "1"])
+    release = notebooks.load(notebooks.release_notebook(unit))
+    first_answer = next(c for c in release["cells"] if notebooks.nbgrader_meta(c).get("solution")
+                        and c["cell_type"] == "code")
+    first_answer["source"] = 'import os\nprint("CUDA_VISIBLE_DEVICES=" + os.environ["CUDA_VISIBLE_DEVICES"])\n'
+    for student in ("gpu_a", "gpu_b"):
+        (tmp_path / "in" / student / unit).mkdir(parents=True)
+        (tmp_path / "in" / student / unit / f"{unit}.ipynb").write_text(json.dumps(release))
+    rows = grade.autograde_folder(tmp_path / "in", csv_path=tmp_path / "gpus.csv", out=io.StringIO(), workers=2)
+    assert sorted(r.device for r in rows) == ["gpu 0", "gpu 1"]
+    for row in rows:
+        graded = notebooks.load(tmp_path / "state" / "autograded" / row.student / unit / f"{unit}.ipynb")
+        printed = "".join(str(o.get("text", "")) for c in graded["cells"] for o in c.get("outputs", []))
+        assert f"CUDA_VISIBLE_DEVICES={row.device.split()[1]}" in printed
+    assert "device" in (tmp_path / "gpus.csv").read_text().splitlines()[0]
 
 
 def _hidden_source_lines(unit: str) -> list[str]:

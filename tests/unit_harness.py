@@ -42,6 +42,7 @@ from notebook_testing import (
 
 from autograder import notebooks
 from llmcourse.grading import GradingFailure, HiddenTests
+from llmcourse.wire import Loopback
 
 C = "check_"
 Mutants = dict[str, tuple[dict, set[str]]]  # name: (namespace overrides, the checks it must fail)
@@ -96,9 +97,20 @@ class UnitUnderTest:
 
     # --- namespaces -------------------------------------------------------------------------------
 
+    @property
+    def runs_outside_the_kernel(self) -> bool:
+        return bool(getattr(self.hidden, "RUNS_OUTSIDE_THE_KERNEL", False))
+
     def run_check(self, check: str, ns: dict) -> None:
-        """Run a hidden check the way the notebook does (failures become GradingFailure)."""
-        getattr(HiddenTests(self.hidden), check)(ns)
+        """Run a hidden check the way the autograder does (failures become GradingFailure): for a
+        unit whose checks run outside the kernel, through the wire, with ``ns`` on the other side."""
+        if not self.runs_outside_the_kernel:
+            getattr(HiddenTests(self.hidden), check)(ns)
+            return
+        loop = Loopback(ns)
+        loop.peer.pure = getattr(self.hidden, "PURE_METHODS", {})
+        with loop as remote_ns:
+            getattr(HiddenTests(self.hidden), check)(remote_ns)
 
     def reference_ns(self) -> dict:
         """A namespace holding the reference: its code runs in the namespace, as in a kernel, so a
