@@ -4,6 +4,8 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Submissions graded side by side: one per core unless told (make demo WORKERS=1).
+WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 # torch is pinned in the same pip command as the project so the resolver never picks another
 # build: 2.13.0 has a CPU wheel on the course machines, while an unpinned torch pulls CUDA.
 TORCH_PIN ?= torch==2.13.0
@@ -14,10 +16,18 @@ SUBMISSIONS ?= autograder/samples
 LLMCOURSE_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export LLMCOURSE_DATA_DIR
 ASSIGNMENT ?=
+# One test file per core: a file's session fixtures (the demo gradebook) are built once.
+PYTEST_ARGS ?= -n auto --dist loadfile
 
-.PHONY: setup demo test release references samples autograde lectures lint clean
+.PHONY: setup sandbox-tools demo test release references samples autograde lectures lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) sandbox-tools
+
+## sandbox-tools: bubblewrap, which every grading kernel runs in (installed from Debian when root)
+sandbox-tools:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) >/dev/null 2>&1; } \
+	  || echo "note: bubblewrap is not installed; grading runs UNSANDBOXED (README, 'Grading safely')"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,11 +48,11 @@ samples: setup
 
 ## autograde: grade a folder in nbgrader's <student>/<assignment>/<notebook>.ipynb layout, or an LMS zip
 autograde: setup
-	$(BIN)/python -m autograder.grade $(SUBMISSIONS) $(if $(ASSIGNMENT),--assignment $(ASSIGNMENT))
+	$(BIN)/python -m autograder.grade $(SUBMISSIONS) --workers $(WORKERS) $(if $(ASSIGNMENT),--assignment $(ASSIGNMENT)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
 
 ## demo: release, autograde the bundled sample submissions, print the gradebook
 demo: release
-	$(BIN)/python -m autograder.grade autograder/samples
+	$(BIN)/python -m autograder.grade autograder/samples --workers $(WORKERS)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -56,4 +66,5 @@ lint: setup
 
 clean:
 	rm -rf build autograder/submitted autograder/autograded autograder/feedback \
-	       autograder/gradebook.db autograder/grades.csv .pytest_cache
+	       autograder/gradebook.db autograder/grades.csv autograder/graded.json \
+	       autograder/logs autograder/released .pytest_cache
