@@ -330,7 +330,7 @@ def forbid(*targets, reason: str = "Implement it yourself from basic operations.
     kernel_guard = swallowed = None
     try:
         if remote is not None:  # the student's code runs in the kernel: guard it there too
-            kernel_guard = remote.request("forbid_enter", 0, [forbid_target(t) for t in targets], reason)
+            kernel_guard = remote.request("forbid_enter", 0, [object_name(t) for t in targets], reason)
         if names or ids:
             with _torch_modes(guard):
                 yield guard
@@ -364,8 +364,9 @@ def _leave_kernel_guard(remote, kernel_guard) -> str | None:
         return None
 
 
-def forbid_target(target) -> dict:
-    """How a ``forbid`` target is named to the student's kernel, which resolves it there."""
+def object_name(target) -> dict:
+    """How a library object (a ``forbid`` target, a class, a function) is named to the student's
+    kernel, which resolves it to its own copy there (``resolve_object_name``)."""
     if isinstance(target, str):
         return {"name": target}
     if isinstance(target, type) or hasattr(target, "__code__"):
@@ -373,7 +374,7 @@ def forbid_target(target) -> dict:
     return {"name": _call_name(target)}
 
 
-def resolve_forbid_target(spec: dict):
+def resolve_object_name(spec: dict):
     """The kernel's own object for a target named by ``forbid_target`` (None if it has none: a
     reference that is not in the kernel cannot be called from it either)."""
     if "name" in spec:
@@ -404,6 +405,42 @@ _CHECKS_PEER = threading.local()
 def _checks_peer():
     """The wire to the student's kernel while a hidden check runs in the grader, else None."""
     return getattr(_CHECKS_PEER, "peer", None)
+
+
+def beside(student_obj, library_obj):
+    """``library_obj`` (a torch, numpy or llmcourse class or function) as it is where
+    ``student_obj`` lives: the kernel's own copy when the check reaches the student over the
+    wire, so that, e.g., an optimizer made with it steps the student's parameters in place;
+    else ``library_obj`` itself.
+
+        Adam = beside(model, torch.optim.Adam)
+        optimizer = Adam(model.parameters(), lr=0.01)
+    """
+    from .wire import Remote
+
+    if not isinstance(student_obj, Remote):
+        return library_obj
+    found = student_obj._peer.request("kernel_object", 0, object_name(library_obj))
+    if found is None:
+        raise GradingFailure(f"{getattr(library_obj, '__qualname__', library_obj)} is not available "
+                             f"in your kernel")
+    return found
+
+
+def type_name(obj) -> str:
+    """The class name of a student's object, here or in the kernel."""
+    from .wire import Remote
+
+    return obj.remote_type if isinstance(obj, Remote) else type(obj).__name__
+
+
+def is_instance(obj, cls: type) -> bool:
+    """``isinstance(obj, cls)`` for a student's object, here or in the kernel (``cls`` from torch)."""
+    from .wire import Remote
+
+    if not isinstance(obj, Remote):
+        return isinstance(obj, cls)
+    return bool(obj._peer.request("isinstance", obj._handle, object_name(cls)))
 
 
 def _patch_class(cls: type, guard: _Guard, patches: list) -> None:

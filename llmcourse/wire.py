@@ -347,6 +347,10 @@ class Peer:
         if t.device.type != "meta":
             blobs.append(_tensor_bytes(t))
             meta["data"] = len(blobs) - 1
+            if kind == "param" and t.grad is not None:  # a module's parameter, read after backward()
+                blobs.append(_tensor_bytes(t.grad))
+                meta["grad"] = {"dtype": str(t.grad.dtype).removeprefix("torch."), "shape": list(t.grad.shape),
+                                "device": str(t.grad.device), "data": len(blobs) - 1}
         found = getattr(blobs, "tensors", None)
         if found is not None:
             found.append(t)
@@ -426,7 +430,10 @@ class Peer:
         else:
             t = _bytes_tensor(blobs[meta["data"]], dtype, shape, device)
         if meta.get("kind") == "param":
-            return torch.nn.Parameter(t, requires_grad=bool(meta.get("rg")))
+            param = torch.nn.Parameter(t, requires_grad=bool(meta.get("rg")))
+            if isinstance(meta.get("grad"), dict):
+                param.grad = self._decode_tensor(meta["grad"], blobs, None).detach()
+            return param
         if meta.get("rg") and (t.is_floating_point() or t.is_complex()):
             t.requires_grad_(True)
             if leaves is not None:
@@ -502,7 +509,9 @@ class Peer:
             else:
                 result = self._perform(op, target, args)
             reply["result"] = self.encode(result, out_blobs)
-            outs = [t for t in out_blobs.tensors if t.requires_grad]
+            # A module's parameter crosses as a copy (with its .grad): gradients flow back
+            # through what student code computes, not through a parameter read as an attribute.
+            outs = [t for t in out_blobs.tensors if t.requires_grad and not isinstance(t, torch.nn.Parameter)]
             if outs:
                 reply["graph"] = self._next
                 self._graphs[self._next] = (outs, leaves)
@@ -535,10 +544,21 @@ class Peer:
                 return [k for k in ns if isinstance(k, str)]
         if op == "backward":
             return self._backward(int(target), args[0])
-        if op in ("forbid_enter", "forbid_exit"):
+        if op in ("forbid_enter", "forbid_exit", "kernel_object", "isinstance"):
             if self.namespace is None:
-                raise PermissionError("the grader takes no forbid() from the kernel")
-            return self._forbid_enter(*args) if op == "forbid_enter" else self._forbid_exit(int(args[0]))
+                raise PermissionError(f"the grader answers no {op!r} to the kernel")
+            if op == "forbid_enter":
+                return self._forbid_enter(*args)
+            if op == "forbid_exit":
+                return self._forbid_exit(int(args[0]))
+            from .grading import resolve_object_name
+
+            found = resolve_object_name(args[0]) if isinstance(args[0], dict) else None
+            if op == "kernel_object":
+                return found
+            if target not in self._objects:
+                raise WireError(f"unknown handle {target}")
+            return isinstance(found, type) and isinstance(self._objects[target], found)
         if target not in self._objects:
             raise WireError(f"unknown handle {target}")
         obj = self._objects[target]
@@ -582,11 +602,16 @@ class Peer:
         """The kernel's side of a hidden check's ``forbid`` block: the student's code runs here."""
         from contextlib import ExitStack
 
-        from .grading import forbid, resolve_forbid_target
+        from .grading import _CHECKS_PEER, forbid, resolve_object_name
 
-        resolved = [resolve_forbid_target(t) for t in targets if isinstance(t, dict)]
+        resolved = [resolve_object_name(t) for t in targets if isinstance(t, dict)]
         stack = ExitStack()
-        stack.enter_context(forbid(*[t for t in resolved if t is not None], reason=str(reason)))
+        # In a Loopback both sides share this thread: this block guards here, not over the wire again.
+        peer, _CHECKS_PEER.peer = getattr(_CHECKS_PEER, "peer", None), None
+        try:
+            stack.enter_context(forbid(*[t for t in resolved if t is not None], reason=str(reason)))
+        finally:
+            _CHECKS_PEER.peer = peer
         handle = self._next
         self._next += 1
         self._forbids[handle] = stack
