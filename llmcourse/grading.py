@@ -427,6 +427,31 @@ def beside(student_obj, library_obj):
     return found
 
 
+def manual_seed(seed: int, near=None) -> None:
+    """``torch.manual_seed(seed)`` here and, when ``near`` is a student's object reached over the
+    wire, in the kernel too: a student's module is initialized from the kernel's generator."""
+    import torch
+
+    torch.manual_seed(seed)
+    kernel_seed = torch.manual_seed if near is None else beside(near, torch.manual_seed)
+    if kernel_seed is not torch.manual_seed:
+        kernel_seed(seed)
+
+
+def load_weights(model, state: dict):
+    """Copy the tensors of ``state`` ({parameter name: tensor}) into ``model``'s parameters in
+    place (a student's module here or in the kernel); return ``model``."""
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def call_on_a_generator(fn, items: list, *args):
+    """``fn(a generator over items, *args)``: student code that must read an iterable once. Call
+    it through ``beside(fn, call_on_a_generator)`` so that the generator is made where ``fn`` runs
+    and what ``fn`` does to ``items`` (their ``.grad``, say) comes back."""
+    return fn((item for item in items), *args)
+
+
 def type_name(obj) -> str:
     """The class name of a student's object, here or in the kernel."""
     from .wire import Remote

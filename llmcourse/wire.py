@@ -156,6 +156,9 @@ class Remote:
     def __iter__(self):
         return iter(self._peer.request("list", self._handle))
 
+    def __next__(self):  # an iterator on the other side (``next(model.parameters())``)
+        return self._peer.request("next", self._handle)
+
     def __contains__(self, item):
         return self._peer.request("contains", self._handle, item)
 
@@ -347,7 +350,7 @@ class Peer:
         if t.device.type != "meta":
             blobs.append(_tensor_bytes(t))
             meta["data"] = len(blobs) - 1
-            if kind == "param" and t.grad is not None:  # a module's parameter, read after backward()
+            if t.is_leaf and t.grad is not None:  # a parameter read after backward(), or one to clip
                 blobs.append(_tensor_bytes(t.grad))
                 meta["grad"] = {"dtype": str(t.grad.dtype).removeprefix("torch."), "shape": list(t.grad.shape),
                                 "device": str(t.grad.device), "data": len(blobs) - 1}
@@ -430,14 +433,14 @@ class Peer:
         else:
             t = _bytes_tensor(blobs[meta["data"]], dtype, shape, device)
         if meta.get("kind") == "param":
-            param = torch.nn.Parameter(t, requires_grad=bool(meta.get("rg")))
-            if isinstance(meta.get("grad"), dict):
-                param.grad = self._decode_tensor(meta["grad"], blobs, None).detach()
-            return param
-        if meta.get("rg") and (t.is_floating_point() or t.is_complex()):
+            t = torch.nn.Parameter(t, requires_grad=bool(meta.get("rg")))
+        elif meta.get("rg") and (t.is_floating_point() or t.is_complex()):
             t.requires_grad_(True)
-            if leaves is not None:
-                leaves.append(t)
+        if t.requires_grad and leaves is not None:  # the sender's parameters are leaves too
+            leaves.append(t)
+        grad = meta.get("grad")
+        if isinstance(grad, dict) and t.requires_grad and "data" in grad:
+            t.grad = self._decode_tensor({k: v for k, v in grad.items() if k != "grad"}, blobs, None)
         return t
 
     # -- requests --------------------------------------------------------------------------------
@@ -593,6 +596,8 @@ class Peer:
             return list(obj)
         if op == "contains":
             return args[0] in obj
+        if op == "next":
+            return next(obj)
         if op == "repr":
             text = repr(obj)
             return text if len(text) <= 2000 else text[:2000] + "..."
@@ -633,6 +638,8 @@ class Peer:
     def _backward(self, graph: int, grads: list):
         torch = _torch()
         outs, leaves = self._graphs.pop(graph)
+        for leaf in leaves:  # a parameter arrives with the .grad it had: return this pass's only
+            leaf.grad = None
         pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g.to(o.device) for o, g in pairs])
@@ -645,7 +652,8 @@ class Peer:
         prints = []
         for arg in mutable:
             if torch is not None and isinstance(arg, torch.Tensor):
-                prints.append(arg._version)
+                grad = arg.grad if arg.is_leaf else None
+                prints.append((arg._version, None if grad is None else (id(grad), grad._version)))
             elif torch is not None and isinstance(arg, torch.Generator):
                 prints.append(bytes(_tensor_bytes(arg.get_state())))
             else:
@@ -661,30 +669,11 @@ class Peer:
         return changed
 
     def _write_back(self, targets: list, mutated: dict, blobs: list) -> None:
-        torch = _torch()
         for key, data in mutated.items():
             i = int(key)
             if not 0 <= i < len(targets):
                 raise WireError("write-back to an unknown argument")
-            local, new = targets[i], self.decode(data, blobs)
-            if isinstance(local, list) and isinstance(new, list):
-                local[:] = new
-            elif isinstance(local, dict) and isinstance(new, dict):
-                local.clear()
-                local.update(new)
-            elif isinstance(local, set) and isinstance(new, set):
-                local.clear()
-                local.update(new)
-            elif isinstance(local, bytearray) and isinstance(new, (bytes, bytearray)):
-                local[:] = new
-            elif torch is not None and isinstance(local, torch.Generator) and isinstance(new, torch.Generator):
-                local.set_state(new.get_state())
-            elif torch is not None and isinstance(local, torch.Tensor) and isinstance(new, torch.Tensor):
-                with torch.no_grad():
-                    if local.shape == new.shape:
-                        local.copy_(new.to(local.device))
-                    else:
-                        local.data = new.to(local.device).to(local.dtype)
+            _write_into(targets[i], self.decode(data, blobs))
 
     def close(self) -> None:
         self._objects.clear()
@@ -727,6 +716,45 @@ def _mutable_args(op: str, args: list) -> list:
 
 
 _IMMUTABLE = {str, int, float, bool, type(None), tuple, bytes, frozenset, Remote}
+
+
+def _write_into(local, new) -> None:
+    """Make ``local`` (an argument as the caller holds it) what the callee changed it into: lists,
+    dicts, sets and bytearrays in place (tensors in a list stay the caller's own objects), tensors'
+    data and ``.grad`` in place, generators' states."""
+    torch = _torch()
+    is_tensor = torch is not None and isinstance(local, torch.Tensor) and isinstance(new, torch.Tensor)
+    if isinstance(local, list) and isinstance(new, list):
+        if len(local) == len(new) and all(isinstance(a, type(b)) or isinstance(b, type(a))
+                                          for a, b in zip(local, new, strict=True)):
+            for k, (a, b) in enumerate(zip(local, new, strict=True)):
+                if torch is not None and isinstance(a, torch.Tensor) and a.shape == b.shape:
+                    _write_into(a, b)
+                else:
+                    local[k] = b
+        else:
+            local[:] = new
+    elif isinstance(local, dict) and isinstance(new, dict):
+        local.clear()
+        local.update(new)
+    elif isinstance(local, set) and isinstance(new, set):
+        local.clear()
+        local.update(new)
+    elif isinstance(local, bytearray) and isinstance(new, (bytes, bytearray)):
+        local[:] = new
+    elif torch is not None and isinstance(local, torch.Generator) and isinstance(new, torch.Generator):
+        local.set_state(new.get_state())
+    elif is_tensor:
+        with torch.no_grad():
+            if local.shape == new.shape:
+                unchanged = local.device.type == "meta" or (
+                    local.dtype == new.dtype and torch.equal(local.detach().cpu(), new.detach().cpu()))
+                if not unchanged:  # (only .grad may have changed: keep the data's version)
+                    local.copy_(new.to(local.device))
+            else:
+                local.data = new.to(local.device).to(local.dtype)
+        if local.is_leaf and local.requires_grad:
+            local.grad = None if new.grad is None else new.grad.to(local.device)
 
 
 class _Bridge:

@@ -46,13 +46,22 @@ from llmcourse.grading import (
     assert_close,
     assert_equal,
     assert_gradients,
+    beside,
+    call_on_a_generator,
     call_student,
     forbid,
+    is_instance,
+    load_weights,
+    manual_seed,
     on_each_device,
     student,
     swapped,
+    type_name,
 )
 from llmcourse.runtime import single_thread
+
+# The checks run in the grader's process; the student's names are reached over llmcourse.wire.
+RUNS_OUTSIDE_THE_KERNEL = True
 
 # The fixed-batch training test (stated in the notebook): the first TRAINING_NAMES names of the
 # training split, RNNLM(27, *TRAINING_SIZES) after torch.manual_seed(0), TRAINING_STEPS full-batch
@@ -176,8 +185,8 @@ def _parameter_shapes(V, E, H) -> dict:
 
 def _build(cls, V, E, H, what):
     model = call_student(cls, V, E, H, what=what)
-    if not isinstance(model, nn.Module):
-        raise GradingFailure(f"{what}: RNNLM must be an nn.Module, got {type(model).__name__}")
+    if not is_instance(model, nn.Module):
+        raise GradingFailure(f"{what}: RNNLM must be an nn.Module, got {type_name(model)}")
     params = dict(model.named_parameters())
     expected = _parameter_shapes(V, E, H)
     shapes = {name: tuple(params[name].shape) if name in params else None for name in expected}
@@ -211,11 +220,7 @@ def _random_state(V, E, H, seed, *, zero_bias=False, zero_hh=False) -> dict:
 
 
 def _load(model, state: dict):
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-    return model
+    return load_weights(model, state)
 
 
 def _forward(model, what, idx, h0=None):
@@ -258,7 +263,7 @@ def check_rnnlm_forward(ns):
         for seed, (V, E, H, B, T) in enumerate(RNNLM_CASES):
             what = (f"RNNLM({V}, {E}, {H}) with random weights (both biases non-zero), idx of shape {(B, T)}, "
                     f"h0=None, on {device}")
-            torch.manual_seed(seed)
+            manual_seed(seed, near=cls)
             model = _build(cls, V, E, H, what)
             state = _random_state(V, E, H, seed)
             _load(model, state).to(device)
@@ -286,7 +291,7 @@ def _meta_forward_check(cls):
     """A meta tensor stands in for a GPU on machines without one: a forward pass that creates its
     initial state on the CPU fails with a device mismatch or returns CPU tensors."""
     what = "RNNLM(7, 3, 5) on the meta device (a stand-in for a GPU), idx of shape (2, 4), h0=None"
-    torch.manual_seed(0)
+    manual_seed(0, near=cls)
     model = _build(cls, 7, 3, 5, what).to("meta")
     idx = torch.zeros(2, 4, dtype=torch.long, device="meta")
     try:
@@ -316,7 +321,7 @@ def check_rnnlm_hidden_state(ns):
     def check(device):
         for seed, (V, E, H, B, T) in enumerate(HIDDEN_STATE_CASES):
             base = f"RNNLM({V}, {E}, {H}) with random weights and zero biases, on {device}"
-            torch.manual_seed(seed)
+            manual_seed(seed, near=cls)
             model = _build(cls, V, E, H, base)
             reference = ref.RNNLM(V, E, H)
             state = _random_state(V, E, H, 200 + seed, zero_bias=True)
@@ -371,7 +376,9 @@ def training_batch() -> tuple[torch.Tensor, torch.Tensor, int]:
 def train_fixed_batch(model, inputs, targets, steps=TRAINING_STEPS, lr=TRAINING_LR) -> float:
     """The hidden test's own loop: full-batch Adam with the reference loss and clipping; returns the
     final loss on the batch (nan if it stopped being finite)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    # The kernel's own Adam and clipping (torch's, equal to the reference's) step the student's weights.
+    optimizer = beside(model, torch.optim.Adam)(model.parameters(), lr=lr)
+    clip = beside(model, torch.nn.utils.clip_grad_norm_)
     for _ in range(steps):
         logits, _ = model(inputs)
         loss = ref.sequence_nll(logits, targets)
@@ -379,7 +386,7 @@ def train_fixed_batch(model, inputs, targets, steps=TRAINING_STEPS, lr=TRAINING_
             return math.nan
         optimizer.zero_grad()
         loss.backward()
-        ref.clip_grad_norm(model.parameters(), 1.0)
+        clip(model.parameters(), 1.0)
         optimizer.step()
     with torch.no_grad():
         return float(ref.sequence_nll(model(inputs)[0], targets))
@@ -394,9 +401,9 @@ def check_rnnlm_training(ns, seed: int = 0):
             f"with the reference encode_names, sequence_nll and clip_grad_norm)")
     with swapped(ns, rnn_cell=ref.rnn_cell, encode_names=ref.encode_names, sequence_nll=ref.sequence_nll,
                  clip_grad_norm=ref.clip_grad_norm), single_thread():
-        torch.manual_seed(seed)
+        manual_seed(seed, near=cls)
         model = call_student(cls, V, E, H, what=what)
-        if not isinstance(model, nn.Module) or not list(model.parameters()):
+        if not is_instance(model, nn.Module) or not list(model.parameters()):
             raise GradingFailure(f"{what}: RNNLM must be an nn.Module with parameters")
         model.train()
         loss = call_student(train_fixed_batch, model, inputs, targets, what=what)
@@ -592,9 +599,9 @@ def _clone_grads(params):
     return clones
 
 
-def _call_clip(fn, parameters, max_norm, what):
+def _call_clip(fn, max_norm, what, *parameters):
     with forbid(*_clip_routines(), reason=NO_CLIP):
-        return call_student(fn, parameters, max_norm, what=what)
+        return call_student(fn, *parameters, max_norm, what=what)
 
 
 def check_clip_grad_norm(ns):
@@ -606,7 +613,7 @@ def check_clip_grad_norm(ns):
             torch_params, ref_params = _clone_grads(params), _clone_grads(params)
             what = (f"clip_grad_norm(a list of {len(shapes)} parameters of shapes {shapes}, max_norm={max_norm}), "
                     f"{dtype} gradients of scale {scale}, on {device}")
-            got = _call_clip(fn, params, max_norm, what)
+            got = _call_clip(fn, max_norm, what, params)
             expected = torch.nn.utils.clip_grad_norm_(torch_params, max_norm)
             ref.clip_grad_norm(ref_params, max_norm)
             if not isinstance(got, torch.Tensor) or got.dim() != 0:
@@ -666,8 +673,10 @@ def check_clip_grad_norm_edge_cases(ns):
             expected_params = _clone_grads(params)
             expected_norm = torch.nn.utils.clip_grad_norm_([p for p in expected_params if p.grad is not None], max_norm)
             what = f"clip_grad_norm with {label} (shapes {shapes}), on {device}"
-            given = (p for p in params) if as_generator else list(params)
-            got = _call_clip(fn, given, max_norm, what)
+            if as_generator:
+                got = _call_clip(beside(fn, call_on_a_generator), max_norm, what, fn, params)
+            else:
+                got = _call_clip(fn, max_norm, what, list(params))
             try:
                 norm = float(got)
             except (TypeError, ValueError, RuntimeError):
