@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import re
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -80,6 +81,9 @@ class CheckService:
         self._server.bind(str(self.socket_path))
         self._server.listen(4)
         self._server.settimeout(0.5)
+        # The checks' thread shares this process with nbclient's loop; with the default 5 ms GIL
+        # switch interval every round trip to the kernel could wait that long for its turn.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 1e-4))
         self._thread.start()
         return self
 

@@ -369,15 +369,18 @@ def object_name(target) -> dict:
     kernel, which resolves it to its own copy there (``resolve_object_name``)."""
     if isinstance(target, str):
         return {"name": target}
+    where = {"module": str(getattr(target, "__module__", None) or ""),
+             "qualname": str(getattr(target, "__qualname__", None) or "")}
     if isinstance(target, type) or hasattr(target, "__code__"):
-        return {"module": getattr(target, "__module__", ""), "qualname": getattr(target, "__qualname__", "")}
-    return {"name": _call_name(target)}
+        return where
+    return {"name": _call_name(target), **where}  # a builtin (torch.rand): forbid() matches its name
 
 
-def resolve_object_name(spec: dict):
-    """The kernel's own object for a target named by ``forbid_target`` (None if it has none: a
-    reference that is not in the kernel cannot be called from it either)."""
-    if "name" in spec:
+def resolve_object_name(spec: dict, as_name: bool = False):
+    """The kernel's own object for one named by ``object_name`` (None if it has none: a
+    reference that is not in the kernel cannot be called from it either); with ``as_name``, a
+    builtin's name, as ``forbid`` matches it."""
+    if "name" in spec and (as_name or not spec.get("qualname")):
         return str(spec["name"])
     module_name, qualname = str(spec.get("module", "")), str(spec.get("qualname", ""))
     module = sys.modules.get(module_name)
@@ -393,8 +396,14 @@ def resolve_object_name(spec: dict):
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
         if obj is None or part == "<locals>":
-            return None
-    while not isinstance(obj, type) and not hasattr(obj, "__code__") and hasattr(obj, "__wrapped__"):
+            # a builtin's qualname may name a private class (torch.rand: _VariableFunctionsClass.rand)
+            obj = getattr(module, qualname.rsplit(".", 1)[-1], None) if module is not None else None
+            if obj is None or "<locals>" in qualname:
+                return None
+            break
+    # a decorated function (``@torch.no_grad()``): its code is what the grader's forbid() swaps
+    while not isinstance(obj, type) and hasattr(obj, "__wrapped__") and \
+            (not hasattr(obj, "__code__") or getattr(obj, "__closure__", None)):
         obj = obj.__wrapped__
     return obj
 
@@ -450,6 +459,59 @@ def call_on_a_generator(fn, items: list, *args):
     it through ``beside(fn, call_on_a_generator)`` so that the generator is made where ``fn`` runs
     and what ``fn`` does to ``items`` (their ``.grad``, say) comes back."""
     return fn((item for item in items), *args)
+
+
+def call_repeatedly(fn, n: int) -> None:
+    """Call ``fn()`` ``n`` times (made where the student's code runs, by ``round_trip_seconds``)."""
+    for _ in range(int(n)):
+        fn()
+
+
+def _nothing() -> None:
+    return None
+
+
+def round_trip_seconds(student_obj, n: int = 200) -> float:
+    """What one call from the student's kernel into the grader costs in wire time alone, measured
+    on ``n`` calls of a function that does nothing; 0 when the student's code runs here. A check
+    that times student code which calls back into the grader subtracts it (``served_calls``)."""
+    import time
+
+    from .wire import Remote
+
+    if not isinstance(student_obj, Remote):
+        return 0.0
+    repeat = beside(student_obj, call_repeatedly)
+    repeat(_nothing, 10)  # warm-up
+    start = time.perf_counter()
+    repeat(_nothing, n)
+    return (time.perf_counter() - start) / n
+
+
+@contextmanager
+def single_thread_where(student_obj):
+    """One torch thread in the student's kernel for the block (a timing compared with a reference
+    timed under ``runtime.single_thread`` here); nothing when the student's code runs here."""
+    import torch
+
+    get_threads = beside(student_obj, torch.get_num_threads)
+    if get_threads is torch.get_num_threads:
+        yield
+        return
+    before = get_threads()
+    set_threads = beside(student_obj, torch.set_num_threads)
+    set_threads(1)
+    try:
+        yield
+    finally:
+        set_threads(before)
+
+
+def served_calls(student_obj) -> int:
+    """How many calls from the student's kernel into the grader have been answered so far."""
+    from .wire import Remote
+
+    return student_obj._peer.served if isinstance(student_obj, Remote) else 0
 
 
 def type_name(obj) -> str:

@@ -242,3 +242,39 @@ def test_messages_are_json():
     loop.kernel._answer = spy
     ns["f"](torch.ones(2))
     assert sent and all(json.loads(s) for s in sent)
+
+
+def test_what_is_kept_by_handle_stays_behind_and_write_backs_line_up():
+    """A KV cache the grader keeps (``by_handle``) crosses as a handle both ways, and an argument
+    changed in place after it is still written back to the right argument."""
+    from llmcourse.wire import by_handle
+
+    class Lender:
+        def make(self):
+            return by_handle([])
+
+        def step(self, cache, buffer):
+            cache.append(len(cache))
+            buffer.append("changed")
+            return cache is kept[0]
+
+    kept = []
+    lender = Lender()
+    original_make = lender.make
+
+    def make():
+        handle = original_make()
+        kept.append(handle.value)
+        return handle
+
+    lender.make = make
+
+    def kernel_side(lent):
+        cache, buffer = lent.make(), ["mine"]
+        same = [lent.step(cache, buffer) for _ in range(3)]
+        return type(cache).__name__, len(cache), buffer, same
+
+    loop, ns = _kernel({"kernel_side": kernel_side})
+    remote_type, length, buffer, same = ns["kernel_side"](lender)
+    assert remote_type == "Remote" and length == 3 and kept[0] == [0, 1, 2]
+    assert buffer == ["mine", "changed", "changed", "changed"] and same == [True] * 3
