@@ -296,6 +296,12 @@ class Peer:
             return {"$own": obj._handle}
         if t is by_handle:
             return {"$ref": self._export(obj.value), "type": type(obj.value).__name__}
+        if t is _LentModule:
+            module = obj.module
+            return {"$mod": self._export(module), "type": type(module).__name__,
+                    "params": [[n, self.encode(v, blobs, depth + 1)] for n, v in module.named_parameters()],
+                    "buffers": [[n, self.encode(v, blobs, depth + 1)] for n, v in module.named_buffers()],
+                    "training": bool(module.training)}
         if t in (list, tuple) or isinstance(obj, (list, tuple)) and not _is_namedtuple(obj) \
                 and type(obj).__module__ != "torch":
             items = [self.encode(x, blobs, depth + 1) for x in obj]
@@ -400,6 +406,12 @@ class Peer:
             if self._own_seen is not None:
                 self._own_seen.add(id(self._objects[body]))
             return self._objects[body]
+        if tag == "$mod":
+            if self.trusted_side:
+                raise WireError("the grader takes no module from the kernel")
+            decoded = {k: [(str(n), self.decode(v, blobs)) for n, v in data.get(k, [])] for k in ("params", "buffers")}
+            return _mirror_module(self, int(body), str(data.get("type", "Module"))[:100], decoded["params"],
+                                  decoded["buffers"], bool(data.get("training", True)))
         if tag == "$ref":
             proxy = self._proxies.get(body)
             if proxy is None:
@@ -582,7 +594,19 @@ class Peer:
         obj = self._objects[target]
         if op == "call":
             positional, keywords = args
-            return obj(*positional, **keywords)
+            result = obj(*positional, **keywords)
+            torch = _torch()
+            if self.trusted_side and isinstance(obj, type) and torch is not None \
+                    and isinstance(result, torch.nn.Module):
+                return _LentModule(result)  # a part the kernel builds into the student's module
+            return result
+        if op == "module_call":  # the kernel's mirror of a lent module, run here on its tensors
+            torch = _torch()
+            if not self.trusted_side or torch is None or not isinstance(obj, torch.nn.Module):
+                raise PermissionError("module_call is for modules the grader lent")
+            tensors, positional, keywords, training = args
+            obj.train(bool(training))
+            return torch.func.functional_call(obj, dict(tensors), tuple(positional), dict(keywords))
         if op == "map":  # many calls in one round trip; stops at the first exception
             results = []
             for positional in args[0]:
@@ -717,6 +741,8 @@ def _mutable_args(op: str, args: list) -> list:
     keyword arguments of a call, or the arguments of any other operation."""
     if op == "call" and len(args) == 2:
         flat = list(args[0]) + list(args[1].values())   # (positional, keywords)
+    elif op == "module_call" and len(args) == 4:        # (the module's tensors, positional, keywords, mode)
+        flat = list(args[1]) + list(args[2].values())
     else:
         flat = list(args)
     flat = [a for a in flat if type(a) not in _IMMUTABLE]
@@ -922,6 +948,68 @@ def _numpy():
     except ImportError:
         return None
     return numpy
+
+
+class _LentModule:
+    """A module the grader built for the kernel (the kernel called a lent class): it crosses as
+    a mirror, see ``_mirror_module``."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module):
+        self.module = module
+
+
+_MIRROR_CLASS: list = []
+
+
+def _mirror_module(peer: Peer, handle: int, type_name: str, params: list, buffers: list, training: bool):
+    """The kernel's stand-in for a module the grader lent (a reference part built into the
+    student's model): a real ``nn.Module`` that holds the parameters and buffers, so the student's
+    model, optimizer and ``state_dict`` own them, while ``forward`` runs the grader's code on them
+    (``torch.func.functional_call``), gradients flowing back to these parameters."""
+    torch = _torch()
+    if not _MIRROR_CLASS:
+        class LentModule(torch.nn.Module):
+            def __init__(self, peer, handle, type_name):
+                super().__init__()
+                object.__setattr__(self, "_lender", (peer, handle, type_name))
+
+            def forward(self, *args, **kwargs):
+                peer, handle, _ = self._lender
+                tensors = [[n, t] for n, t in self.named_parameters()] + [[n, t] for n, t in self.named_buffers()]
+                return peer.request("module_call", handle, tensors, list(args), kwargs, self.training)
+
+            def __getattr__(self, name):
+                try:
+                    return super().__getattr__(name)
+                except AttributeError:
+                    if name.startswith("_") or not self.__dict__.get("_ready"):
+                        raise
+                    peer, handle, _ = self.__dict__["_lender"]
+                    return peer.request("getattr", handle, name)  # a setting such as hidden_size
+
+            def extra_repr(self):
+                return f"lent by the grader: {self._lender[2]}"
+
+        _MIRROR_CLASS.append(LentModule)
+    mirror = _MIRROR_CLASS[0](peer, handle, type_name)
+    for kind, items in (("param", params), ("buffer", buffers)):
+        for name, value in items:
+            owner = mirror
+            *path, leaf = name.split(".")
+            for part in path:
+                if part not in owner._modules:
+                    owner.add_module(part, torch.nn.Module())
+                owner = owner._modules[part]
+            if kind == "param":
+                owner.register_parameter(leaf, value if isinstance(value, torch.nn.Parameter)
+                                         else torch.nn.Parameter(value))
+            else:
+                owner.register_buffer(leaf, value)
+    mirror.train(training)
+    object.__setattr__(mirror, "_ready", True)
+    return mirror
 
 
 class by_handle:  # noqa: N801  (used like a function: ``return logits, by_handle(cache)``)

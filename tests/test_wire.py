@@ -278,3 +278,50 @@ def test_what_is_kept_by_handle_stays_behind_and_write_backs_line_up():
     remote_type, length, buffer, same = ns["kernel_side"](lender)
     assert remote_type == "Remote" and length == 3 and kept[0] == [0, 1, 2]
     assert buffer == ["mine", "changed", "changed", "changed"] and same == [True] * 3
+
+
+def test_a_lent_module_class_builds_a_mirror_the_student_model_owns():
+    """A reference part the grader lends as a class (``LSTM=ref.LSTM``): what the kernel builds
+    with it is a real module there, whose parameters the student's model, optimizer and
+    state_dict own, while its forward runs the grader's code; gradients reach those parameters."""
+    import torch.nn as nn
+
+    class Part(nn.Module):  # the grader's reference part
+        def __init__(self, n):
+            super().__init__()
+            self.inner = nn.Linear(n, n)
+            self.scale = nn.Parameter(torch.full((n,), 2.0))
+            self.n = n
+
+        def forward(self, x):
+            return self.inner(x) * self.scale
+
+    class Student(nn.Module):  # in the kernel, it uses whatever Part is in its namespace
+        def __init__(self, n):
+            super().__init__()
+            self.part = ns_kernel["Part"](n)
+            self.head = nn.Linear(n, 1)
+
+        def forward(self, x):
+            return self.head(self.part(x))
+
+    ns_kernel = {"Student": Student, "Part": None}
+    loop, ns = _kernel(ns_kernel)
+    ns["Part"] = Part
+    model = ns["Student"](3)
+    names = sorted(n for n, _ in model.named_parameters())
+    assert names == ["head.bias", "head.weight", "part.inner.bias", "part.inner.weight", "part.scale"]
+    x = torch.randn(4, 3)
+    out = model(x)
+    out.sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None for g in grads.values()), grads
+    # the same computation in one process
+    local = Student.__new__(Student)
+    nn.Module.__init__(local)
+    local.part, local.head = Part(3), nn.Linear(3, 1)
+    local.load_state_dict({n: p.detach() for n, p in model.named_parameters()})
+    local(x).sum().backward()
+    for n, p in local.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad)
+    assert model.part.n == 3, "a lent part's other attributes are read from the grader's"

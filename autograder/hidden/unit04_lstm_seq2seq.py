@@ -46,14 +46,21 @@ from llmcourse.grading import (
     assert_close,
     assert_equal,
     assert_gradients,
+    beside,
     call_student,
     forbid,
+    is_instance,
+    load_weights,
+    manual_seed,
     on_each_device,
     student,
     swapped,
 )
 from llmcourse.runtime import single_thread
 from llmcourse.training import pad_sequences
+
+# The checks run in the grader's process; the student's names are reached over llmcourse.wire.
+RUNS_OUTSIDE_THE_KERNEL = True
 
 PAD_ID, BOS_ID, EOS_ID = ref.PAD_ID, ref.BOS_ID, ref.EOS_ID
 
@@ -196,7 +203,7 @@ def _student_lstm(cls, D, H, L, dtype, weights, what):
     """The student's LSTM(D, H, L) holding ``weights`` (an nn.LSTM's state_dict), in dtype."""
     with _no_rnn_modules():
         model = call_student(cls, D, H, L, what=what)
-    if not isinstance(model, nn.Module):
+    if not is_instance(model, nn.Module):
         raise GradingFailure(f"{what}: LSTM must be an nn.Module")
     model = model.to(dtype)
     params = dict(model.named_parameters())
@@ -206,9 +213,7 @@ def _student_lstm(cls, D, H, L, dtype, weights, what):
     for name, w in weights.items():
         if tuple(params[name].shape) != tuple(w.shape):
             raise GradingFailure(f"{what}: {name} has shape {tuple(params[name].shape)}, nn.LSTM's has {tuple(w.shape)}")
-    with torch.no_grad():
-        for name, w in weights.items():
-            params[name].copy_(w)
+    load_weights(model, weights)
     return model
 
 
@@ -451,7 +456,7 @@ def _student_seq2seq(cls, reference, args, what):
     """The student's Seq2Seq(*args) holding the reference's weights."""
     with _no_rnn_modules():
         model = call_student(cls, *args[:5], use_attention=args[5], what=what)
-    if not isinstance(model, nn.Module):
+    if not is_instance(model, nn.Module):
         raise GradingFailure(f"{what}: Seq2Seq must be an nn.Module")
     params = dict(model.named_parameters())
     expected = dict(reference.named_parameters())
@@ -462,9 +467,7 @@ def _student_seq2seq(cls, reference, args, what):
     for name, p in expected.items():
         if tuple(params[name].shape) != tuple(p.shape):
             raise GradingFailure(f"{what}: {name} has shape {tuple(params[name].shape)}, expected {tuple(p.shape)}")
-    with torch.no_grad():
-        for name, p in expected.items():
-            params[name].copy_(p)
+    load_weights(model, expected)
     return model
 
 
@@ -724,7 +727,7 @@ def train_and_score(model, train, test, steps=TRAIN_STEPS, seed=0) -> tuple[list
     cross-entropy over the non-PAD targets. Returns the losses and the exact match with teacher forcing."""
     src, tgt = train
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=TRAIN_LR)
+    optimizer = beside(model, torch.optim.Adam)(model.parameters(), lr=TRAIN_LR)
     losses = []
     model.train()
     for _ in range(steps):
@@ -735,7 +738,7 @@ def train_and_score(model, train, test, steps=TRAIN_STEPS, seed=0) -> tuple[list
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch_tgt[:, 1:].reshape(-1), ignore_index=PAD_ID)
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        beside(model, torch.nn.utils.clip_grad_norm_)(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
     return losses, exact_match_teacher_forced(model, *test)
@@ -761,7 +764,7 @@ def check_seq2seq_training(ns):
             f"trained for {TRAIN_STEPS} steps (Adam, lr {TRAIN_LR}, batches of {TRAIN_BATCH}, gradients clipped at 1) "
             f"on {TRAIN_PAIRS} dates like {date_pairs(2, seed=11, formats=TRAIN_FORMATS)}")
     with _reference_parts(ns), single_thread(), _no_rnn_modules():
-        torch.manual_seed(0)
+        manual_seed(0, near=cls)
         model = call_student(cls, Vs, Vt, E, H, A, what=what)
         losses, accuracy = call_student(train_and_score, model, train, test, what=what)
     if not accuracy >= ACCURACY_BAR:
