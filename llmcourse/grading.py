@@ -514,6 +514,23 @@ def served_calls(student_obj) -> int:
     return student_obj._peer.served if isinstance(student_obj, Remote) else 0
 
 
+def is_shared(obj, first: str, second: str) -> bool:
+    """Whether the attributes at the dotted paths ``first`` and ``second`` of a student's object
+    are one object (a tied weight: ``is_shared(model, "lm_head.weight", "wte.weight")``), here or
+    in the kernel (where the parameters are; they cross the wire as copies)."""
+    return bool(beside(obj, same_attribute)(obj, first, second))
+
+
+def same_attribute(obj, first: str, second: str) -> bool:
+    """``obj.<first> is obj.<second>`` for dotted paths (False if either is missing)."""
+    import operator
+
+    try:
+        return operator.attrgetter(first)(obj) is operator.attrgetter(second)(obj)
+    except AttributeError:
+        return False
+
+
 def type_name(obj) -> str:
     """The class name of a student's object, here or in the kernel."""
     from .wire import Remote

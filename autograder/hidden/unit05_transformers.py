@@ -39,11 +39,17 @@ from llmcourse.grading import (
     assert_equal,
     call_student,
     forbid,
+    is_instance,
+    is_shared,
+    load_weights,
     on_each_device,
     student,
     swapped,
 )
 from llmcourse.runtime import single_thread
+
+# The checks run in the grader's process; the student's names are reached over llmcourse.wire.
+RUNS_OUTSIDE_THE_KERNEL = True
 
 F32, F64 = torch.float32, torch.float64
 
@@ -120,7 +126,7 @@ def _mask(g, shape, p_keep=0.6, full_rows=0, ensure_one=False):
 def _module(cls, *args, what, own=()):
     with _no_shortcut_modules(*own):
         model = call_student(cls, *args, what=what)
-    if not isinstance(model, nn.Module):
+    if not is_instance(model, nn.Module):
         raise GradingFailure(f"{what}: must be an nn.Module")
     return model
 
@@ -229,14 +235,15 @@ MHA_CASES = [  # (B, T, C, h, bias, mask kind, dtype)
 
 def _load_torch_mha(module, torch_mha):
     C = torch_mha.embed_dim
-    with torch.no_grad():
-        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            getattr(module, name).weight.copy_(torch_mha.in_proj_weight[i * C:(i + 1) * C])
-            if torch_mha.in_proj_bias is not None:
-                getattr(module, name).bias.copy_(torch_mha.in_proj_bias[i * C:(i + 1) * C])
-        module.out_proj.weight.copy_(torch_mha.out_proj.weight)
-        if torch_mha.out_proj.bias is not None:
-            module.out_proj.bias.copy_(torch_mha.out_proj.bias)
+    state = {}
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        state[f"{name}.weight"] = torch_mha.in_proj_weight[i * C:(i + 1) * C].detach()
+        if torch_mha.in_proj_bias is not None:
+            state[f"{name}.bias"] = torch_mha.in_proj_bias[i * C:(i + 1) * C].detach()
+    state["out_proj.weight"] = torch_mha.out_proj.weight.detach()
+    if torch_mha.out_proj.bias is not None:
+        state["out_proj.bias"] = torch_mha.out_proj.bias.detach()
+    load_weights(module, state)
 
 
 def _mha_expected_names(C, bias):
@@ -457,7 +464,7 @@ def check_gpt_forward(ns):
             torch.manual_seed(seed)
             reference = _randomize(ref.GPT(V, bs, L, h, C).to(dtype), seed).eval()
             model = _module(cls, V, bs, L, h, C, what=what)
-            if not (hasattr(model, "lm_head") and hasattr(model, "wte") and model.lm_head.weight is model.wte.weight):
+            if not (hasattr(model, "lm_head") and hasattr(model, "wte") and is_shared(model, "lm_head.weight", "wte.weight")):
                 raise GradingFailure(f"{what}: lm_head.weight must be wte.weight (one tied (V, C) matrix)")
             model = model.to(dtype)
             assert_equal(_param_shapes(model), _param_shapes(reference), what=f"{what}: the parameters")
@@ -535,7 +542,7 @@ def check_gpt_from_hf(ns):
                 expected = hf(idx).logits
             with _no_shortcut_modules():
                 model = call_student(cls.from_hf, hf, what=what)
-            if not isinstance(model, nn.Module):
+            if not is_instance(model, nn.Module):
                 raise GradingFailure(f"{what}: from_hf must return a GPT")
             model = model.to(device=device, dtype=dtype).eval()
             with torch.no_grad(), _no_shortcuts():
