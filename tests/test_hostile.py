@@ -4,8 +4,9 @@ wrong submission (it must not score more than carol does). Every case also check
 students' grades are unchanged and that nothing outside the submission changed.
 
 The unit is 01, whose hidden checks run in the grader's process (``autograder/checks.py``) while
-the kernel runs in its bubblewrap sandbox (``autograder/sandbox.py``). The cases that rely on the
-sandbox are skipped, with the reason, where bubblewrap cannot run.
+the kernel runs in its bubblewrap sandbox (``autograder/sandbox.py``); one more case, a forbidden
+library call hidden behind an alias and a ``try``, is unit 02's. The cases that rely on the sandbox
+are skipped, with the reason, where bubblewrap cannot run.
 """
 
 from __future__ import annotations
@@ -380,6 +381,67 @@ def test_csv_warns_when_unsandboxed(hostile):
         assert grade.UNSANDBOXED in csv and "WARNING: bubblewrap" in hostile["console"]
     else:
         assert grade.UNSANDBOXED not in csv
+
+
+# --- a forbidden library call hidden from the checks (unit 02, whose checks forbid F.one_hot) ---------
+
+FORBID_UNIT = "02_tokenization"
+# one_hot through an alias made before grading, retried past the first ForbiddenCallError, and the
+# error swallowed when the retry fails too: the kernel's guard still sees the call.
+HIDDEN_ONE_HOT = (
+    "import functools\n"
+    "import torch.nn.functional as _functional\n"
+    "_library_one_hot = functools.partial(_functional.one_hot)\n"
+    "\n"
+    "def one_hot(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:\n"
+    "    for attempt in (_library_one_hot, _functional.one_hot):\n"
+    "        try:\n"
+    "            return attempt(ids, vocab_size).to(torch.float32)\n"
+    "        except BaseException:\n"
+    "            pass\n"
+    "    return (ids.unsqueeze(-1) == torch.arange(vocab_size, device=ids.device)).to(torch.float32)\n"
+)
+
+
+@pytest.fixture(scope="module")
+def forbidden(tmp_path_factory):
+    """Alice's unit 02, and the same with one_hot calling the library's through an alias."""
+    base = tmp_path_factory.mktemp("forbidden")
+    state, folder = base / "state", base / "submissions"
+    state.mkdir()
+    alice = samples.answered(FORBID_UNIT)
+    cheat = copy.deepcopy(alice)
+    cell = next(c for c in cheat["cells"] if "def one_hot(" in notebooks.source(c))
+    cell["source"] = HIDDEN_ONE_HOT
+    for student, nb in (("alice", alice), ("mallory", cheat)):
+        path = folder / student / FORBID_UNIT / f"{FORBID_UNIT}.ipynb"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(nb, indent=1))
+    os.environ["LLMCOURSE_GRADING_DIR"] = str(state)
+    try:
+        outcomes = grade.autograde_folder(folder, only=FORBID_UNIT, csv_path=state / "grades.csv",
+                                          out=io.StringIO(), workers=2)
+    finally:
+        os.environ.pop("LLMCOURSE_GRADING_DIR", None)
+    return {o.student: o for o in outcomes}
+
+
+def test_a_forbidden_call_behind_an_alias_and_a_try_costs_its_cell(forbidden):
+    """The fallback computes the right one-hot vectors, but the library's one_hot was called: the
+    cell of check_one_hot (and only it) loses its points, though its visible test passed."""
+    cells = checks.checks_by_cell(FORBID_UNIT)
+    points = sum(float(notebooks.nbgrader_meta(c).get("points", 0))
+                 for c in notebooks.load(notebooks.solution_notebook(FORBID_UNIT))["cells"]
+                 if cells.get(notebooks.nbgrader_meta(c).get("grade_id")) == "check_one_hot")
+    alice, mallory = forbidden["alice"], forbidden["mallory"]
+    assert points > 0 and alice.auto_score == alice.auto_max
+    assert mallory.auto_score == alice.auto_score - points, mallory
+
+
+def test_which_units_are_graded_outside_the_kernel():
+    """Every unit but 06 (whose train check lends its own optimizer and checkpoints) is ported."""
+    outside = {u for u in notebooks.units() if checks.runs_outside_the_kernel(u)}
+    assert outside == set(notebooks.units()) - {"06_training"}
 
 
 def test_checks_of_unit01_run_outside_the_kernel():
