@@ -187,8 +187,30 @@ def _prepare_worker(units) -> None:
         import nbgrader.apps  # noqa: F401  about 1 s an import
     for unit in set(units) - _PREPARED:
         checks.runs_outside_the_kernel(unit)
+        _prepare_trained_models(unit)
         _PREPARED.add(unit)
     _PREPARED.add("")
+
+
+def _prepare_trained_models(unit: str) -> None:
+    """Train and cache, here, the char GPTs ``unit``'s notebook loads (``llmcourse.training.char_gpt``):
+    a sandboxed kernel reads the cache read-only, and would otherwise train them in every submission."""
+    import re
+
+    text = "\n".join(notebooks.source(c) for c in notebooks.load(notebooks.solution_notebook(unit))["cells"])
+    # While grading, pick(full, fast) is the fast choice: the second name of a pick(...), else a literal.
+    names = {fast or literal for fast, literal in
+             re.findall(r'char_gpt\(\s*(?:pick\(\s*"\w+"\s*,\s*"(\w+)"\s*\)|"(\w+)")', text)}
+    if not names:
+        return
+    from llmcourse.grading import reference
+    from llmcourse.training import char_gpt
+
+    for name in sorted(names):
+        try:
+            char_gpt(name, reference("06_training"))
+        except Exception as err:  # the kernels will train it themselves, slowly, and say why
+            print(f"note: could not prepare the char GPT {name!r} ({type(err).__name__}: {err})", file=sys.stderr)
 
 
 _PREPARED: set[str] = set()
@@ -260,6 +282,9 @@ def _grade_in_child(task: Task, state: Path, conn) -> None:
                 with Gradebook(api.coursedir.db_url, api.coursedir.course_id) as gb:
                     report["overruled"] = checks.apply_verdicts(gb, assignment, student, verdicts)
                 report["check_seconds"] = sum(v.seconds for v in verdicts.values())
+                for name, v in sorted(verdicts.items()):  # where the time went, in the submission's log
+                    print(f"[grader] {name}: {'passed' if v.passed else 'failed'} in {v.seconds:.2f} s, "
+                          f"{v.calls} calls into the kernel", file=sys.stderr)
                 report["check_calls"] = sum(v.calls for v in verdicts.values())
             report["bonus"] = _apply_bonus(api, assignment, student, bonus, verdicts)
             fb = api.generate_feedback(assignment, student, force=True)
@@ -376,6 +401,9 @@ def _prepare_sandbox(assignment: str, student: str, timeout_s: float):
     spec.cgroups = sandbox.Cgroups.make(f"{safe}-{os.getpid()}", spec.limits)
     spec.read_only += [p for p in (Path(os.environ.get("LLMCOURSE_DATA_DIR", "/nonexistent")), cache_dir())
                        if p.is_dir()]
+    # The kernel's HOME is its working folder: without this it would look for the cache (data,
+    # trained models such as unit 07's char GPTs) there, find none, and train them again.
+    spec.env["LLMCOURSE_CACHE_DIR"] = str(cache_dir().resolve())
     service = None
     if checks.runs_outside_the_kernel(assignment):
         service = checks.CheckService(assignment, rundir / "checks.sock", timeout_s).start()

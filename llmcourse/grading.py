@@ -467,6 +467,13 @@ def call_repeatedly(fn, n: int) -> None:
         fn()
 
 
+def repeated_calls(fn, args: list, n: int) -> list:
+    """``[fn(*args) for _ in range(n)]``: many runs of student code on the same inputs (a seeded
+    generator among them advancing), made where that code runs (``beside(fn, repeated_calls)``), so
+    that a statistical check costs one round trip, not one per run."""
+    return [fn(*args) for _ in range(int(n))]
+
+
 def _nothing() -> None:
     return None
 

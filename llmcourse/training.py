@@ -191,3 +191,22 @@ def char_gpt(name: str, trainer, device="cpu"):
         except OSError:  # a read-only cache (a grading sandbox): the model is simply not kept
             pass
     return model.to(device).eval(), stoi, itos
+
+
+class MarkovLM(torch.nn.Module):
+    """A language model with a known distribution, to test samplers and decoders against: the next
+    token depends on the last one only, ``logits[b, t] = log(probs[idx[b, t]])``.
+
+    probs: (V, V), each row a distribution. ``forward(idx (B, T), targets=None)`` returns
+    ``(logits (B, T, V), None)``, as the course's GPT does.
+    """
+
+    def __init__(self, probs, block_size: int = 8):
+        super().__init__()
+        self.register_buffer("table", torch.as_tensor(probs, dtype=torch.float32).log())
+        self.block_size = block_size
+
+    def forward(self, idx: torch.Tensor, targets=None):
+        assert idx.size(1) <= self.block_size, f"{idx.size(1)} tokens > block_size {self.block_size}"
+        return self.table[idx], None
+

@@ -294,7 +294,7 @@ class Peer:
             return str.__str__(obj)
         if isinstance(obj, Remote) and obj._peer is self:
             return {"$own": obj._handle}
-        if t is by_handle:
+        if t is _ByHandle:
             return {"$ref": self._export(obj.value), "type": type(obj.value).__name__}
         if t is _LentModule:
             module = obj.module
@@ -1012,14 +1012,20 @@ def _mirror_module(peer: Peer, handle: int, type_name: str, params: list, buffer
     return mirror
 
 
-class by_handle:  # noqa: N801  (used like a function: ``return logits, by_handle(cache)``)
-    """Send ``value`` as a handle, never by value: for what the other side only passes back (a
-    KV cache, say), so that it does not cross the wire at every step."""
-
+class _ByHandle:
     __slots__ = ("value",)
 
     def __init__(self, value):
         self.value = value
+
+
+def by_handle(value):
+    """``value``, to be sent as a handle, never by value, when a hidden check reaches the student
+    over the wire: for what the other side only passes back (a KV cache, say), so that it does not
+    cross at every step. Where the check runs in the student's process, ``value`` itself."""
+    from .grading import _checks_peer
+
+    return _ByHandle(value) if _checks_peer() is not None else value
 
 
 def call_many(fn: Remote, calls: list) -> list:

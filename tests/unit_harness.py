@@ -223,6 +223,12 @@ def common_tests(u: UnitUnderTest, *, lazy_ns: Callable[[], dict], mutants: Muta
         u.run_check(check, ns)
         assert all(ns[name] is before[name] for name in before), "swapped() must restore names"
 
+    @pytest.mark.parametrize("check", u.checks)
+    def test_reference_passes_in_its_own_process(check):
+        """Where no grader listens (a course test, an instructor's run), the checks of a ported
+        unit run in the notebook's process: they must pass there too."""
+        getattr(HiddenTests(u.hidden), check)(u.reference_ns())
+
     def test_hidden_checks_are_fast():
         start = time.perf_counter()
         for check in u.checks:

@@ -57,6 +57,7 @@ from llmcourse.grading import (
     load_weights,
     manual_seed,
     on_each_device,
+    repeated_calls,
     round_trip_seconds,
     served_calls,
     single_thread_where,
@@ -64,6 +65,7 @@ from llmcourse.grading import (
     swapped,
 )
 from llmcourse.runtime import single_thread
+from llmcourse.training import MarkovLM
 from llmcourse.wire import by_handle
 
 # The checks run in the grader's process; the student's names are reached over llmcourse.wire.
@@ -878,18 +880,9 @@ SPEC_STAT_K, SPEC_STAT_NEW = 2, 3  # each run: k=2, 3 new tokens; the first two 
 CHI2_ALPHA_Z = 3.090232  # the standard normal's 0.999 quantile: a test at the 0.1% level
 
 
-class Markov(nn.Module):
-    """A tiny language model whose next-token distribution depends on the last token only:
-    logits[b, t] = log(probs[idx[b, t]]). probs: (V, V), each row a distribution."""
-
-    def __init__(self, probs, block_size: int = 8):
-        super().__init__()
-        self.register_buffer("table", torch.as_tensor(probs, dtype=F32).log())
-        self.block_size = block_size
-
-    def forward(self, idx, targets=None):
-        assert idx.size(1) <= self.block_size, f"{idx.size(1)} tokens > block_size {self.block_size}"
-        return self.table[idx], None
+# The statistical test's models are ``MarkovLM``s from the course package, so that they can be built
+# where the student's speculative_decode runs (its 2000 runs then cost one round trip).
+Markov = MarkovLM
 
 
 # The statistical test's models: the draft disagrees strongly with the target, so that about half of the
@@ -961,15 +954,17 @@ def chi_square(counts: dict, probs: dict, n: int) -> tuple[float, int, float]:
 def speculative_counts(fn, device="cpu", samples: int = SPEC_SAMPLES) -> dict[tuple[int, int], int]:
     """How often each first two tokens come out of ``samples`` runs of ``fn`` on the statistical test's
     models (one generator, seeded once)."""
-    target, draft = Markov(STAT_TARGET).to(device), Markov(STAT_DRAFT).to(device)
+    here = beside(fn, MarkovLM)
+    target, draft = here(STAT_TARGET).to(device), here(STAT_DRAFT).to(device)
     prompt = torch.tensor(STAT_PROMPT, device=device)
     generator = torch.Generator(device).manual_seed(2024)
     counts = {}
     what = (f"speculative_decode(target, draft, prompt {STAT_PROMPT}, k={SPEC_STAT_K}, max_new_tokens={SPEC_STAT_NEW}, "
             f"generator) with two Markov models over 4 tokens, {samples} runs")
     with _no_reference(_own("speculative_decode")):
-        for _ in range(samples):
-            got = call_student(fn, target, draft, prompt, SPEC_STAT_K, SPEC_STAT_NEW, generator, what=what)
+        runs = call_student(beside(fn, repeated_calls), fn,
+                            [target, draft, prompt, SPEC_STAT_K, SPEC_STAT_NEW, generator], samples, what=what)
+        for got in runs:
             if not (isinstance(got, (tuple, list)) and len(got) == 2 and isinstance(got[0], torch.Tensor)):
                 raise GradingFailure(f"{what}: speculative_decode must return (ids, stats), got {got!r:.100}")
             ids = got[0].tolist()
