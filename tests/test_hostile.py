@@ -410,20 +410,27 @@ def forbidden(tmp_path_factory):
     state, folder = base / "state", base / "submissions"
     state.mkdir()
     alice = samples.answered(FORBID_UNIT)
-    cheat = copy.deepcopy(alice)
-    cell = next(c for c in cheat["cells"] if "def one_hot(" in notebooks.source(c))
-    cell["source"] = HIDDEN_ONE_HOT
-    for student, nb in (("alice", alice), ("mallory", cheat)):
+
+    def with_hidden_one_hot(nb):
+        cheat = copy.deepcopy(nb)
+        cell = next(c for c in cheat["cells"] if "def one_hot(" in notebooks.source(c))
+        cell["source"] = HIDDEN_ONE_HOT
+        return cheat
+
+    release = notebooks.load(notebooks.release_notebook(FORBID_UNIT))
+    for student, nb in (("alice", alice), ("bob", with_hidden_one_hot(release)),
+                        ("mallory", with_hidden_one_hot(alice))):
         path = folder / student / FORBID_UNIT / f"{FORBID_UNIT}.ipynb"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(nb, indent=1))
+    guarded = _digest(_guarded_files())
     os.environ["LLMCOURSE_GRADING_DIR"] = str(state)
     try:
         outcomes = grade.autograde_folder(folder, only=FORBID_UNIT, csv_path=state / "grades.csv",
                                           out=io.StringIO(), workers=2)
     finally:
         os.environ.pop("LLMCOURSE_GRADING_DIR", None)
-    return {o.student: o for o in outcomes}
+    return {"rows": {o.student: o for o in outcomes}, "guarded": (guarded, _digest(_guarded_files()))}
 
 
 def test_a_forbidden_call_behind_an_alias_and_a_try_costs_its_cell(forbidden):
@@ -433,9 +440,13 @@ def test_a_forbidden_call_behind_an_alias_and_a_try_costs_its_cell(forbidden):
     points = sum(float(notebooks.nbgrader_meta(c).get("points", 0))
                  for c in notebooks.load(notebooks.solution_notebook(FORBID_UNIT))["cells"]
                  if cells.get(notebooks.nbgrader_meta(c).get("grade_id")) == "check_one_hot")
-    alice, mallory = forbidden["alice"], forbidden["mallory"]
-    assert points > 0 and alice.auto_score == alice.auto_max
-    assert mallory.auto_score == alice.auto_score - points, mallory
+    rows = forbidden["rows"]
+    alice, bob, mallory = rows["alice"], rows["bob"], rows["mallory"]
+    assert points > 0 and alice.auto_score == alice.auto_max, "the other student keeps full marks"
+    assert mallory.auto_score == alice.auto_score - points and mallory.status.startswith("needs manual"), mallory
+    assert bob.auto_score == 0 and bob.status == "graded", "added to the untouched release it earns nothing"
+    before, after = forbidden["guarded"]
+    assert before == after, "nothing outside the submissions changed"
 
 
 def test_which_units_are_graded_outside_the_kernel():
