@@ -461,12 +461,6 @@ def call_on_a_generator(fn, items: list, *args):
     return fn((item for item in items), *args)
 
 
-def call_repeatedly(fn, n: int) -> None:
-    """Call ``fn()`` ``n`` times (made where the student's code runs, by ``round_trip_seconds``)."""
-    for _ in range(int(n)):
-        fn()
-
-
 def repeated_calls(fn, args: list, n: int) -> list:
     """``[fn(*args) for _ in range(n)]``: many runs of student code on the same inputs (a seeded
     generator among them advancing), made where that code runs (``beside(fn, repeated_calls)``), so
@@ -488,10 +482,10 @@ def round_trip_seconds(student_obj, n: int = 200) -> float:
 
     if not isinstance(student_obj, Remote):
         return 0.0
-    repeat = beside(student_obj, call_repeatedly)
-    repeat(_nothing, 10)  # warm-up
+    repeat = beside(student_obj, repeated_calls)
+    repeat(_nothing, [], 10)  # warm-up
     start = time.perf_counter()
-    repeat(_nothing, n)
+    repeat(_nothing, [], n)
     return (time.perf_counter() - start) / n
 
 
